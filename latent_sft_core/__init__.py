@@ -1,0 +1,3 @@
+"""latent-sft: the shared library every pipeline stage calls."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,118 @@
+"""The base_model stage: explicit CoT-SFT of the starting model (tiny config-built Llama or a local checkpoint).
+
+The result starts phase 1 and is the CoT-SFT baseline of the evaluation. Tokenisation goes through the same
+``chunk_example`` as the chunk stage, but the stage reads the raw splits so that changing c does not retrain it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from latent_sft_core.chunking import ChunkedRow, chunk_example
+from latent_sft_core.config import Params
+from latent_sft_core.data.schema import read_examples
+from latent_sft_core.errors import DataError
+from latent_sft_core.inference import generate_cot
+from latent_sft_core.io import atomic_path, write_json
+from latent_sft_core.layout import cot_sft_sequence
+from latent_sft_core.modeling import load_base_model, save_model
+from latent_sft_core.scoring import answer_text, exact_match_rate
+from latent_sft_core.text import TextFormat, load_tokenizer, special_ids, tokenizer_fingerprint
+from latent_sft_core.training import (
+    SCRATCH_ROOT,
+    CausalLMCollator,
+    SequenceDataset,
+    TrainResult,
+    file_digest,
+    finish_scratch,
+    run_fingerprint,
+    run_training,
+)
+
+log = logging.getLogger(__name__)
+
+
+def tokenized_split(params: Params, raw_file: Path, tokenizer) -> list[ChunkedRow]:
+    text_format = TextFormat(params.base.text)
+    return [
+        chunk_example(example, tokenizer, text_format, params.base.compression_rate)
+        for example in read_examples(raw_file)
+    ]
+
+
+def write_loss_curve(path: Path, result: TrainResult) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("step,loss\n" + "".join(f"{step},{loss:.6f}\n" for step, loss in result.losses()))
+
+
+def train_base_model(
+    params: Params,
+    raw_dir: Path,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    metrics_path: Path,
+    loss_curve_path: Path,
+    scratch_dir: Path = SCRATCH_ROOT / "base_model",
+) -> dict:
+    """CoT-SFT on the train split, greedy exact-match on validation rows; writes model, metrics, loss curve."""
+    section = params.base_model
+    tokenizer = load_tokenizer(tokenizer_dir)
+    ids = special_ids(tokenizer)
+    model = load_base_model(params.base.model, section.tiny, tokenizer, params.base.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("base model: %s with %.2fM parameters", type(model).__name__, n_params / 1e6)
+
+    result = None
+    if not section.skip_sft:
+        train_file = Path(raw_dir) / "train.parquet"
+        sequences = []
+        for row in tokenized_split(params, train_file, tokenizer):
+            sequence = cot_sft_sequence(row, ids)
+            if len(sequence.input_ids) > section.train.max_seq_len:
+                raise DataError(
+                    f"{train_file}: row {row.id} has {len(sequence.input_ids)} tokens, more than "
+                    f"base_model.train.max_seq_len={section.train.max_seq_len}"
+                )
+            sequences.append(sequence)
+        fingerprint = run_fingerprint(
+            params=params.base_model.model_dump(),
+            base=params.base.model_dump(include={"seed", "model", "text"}),
+            train=file_digest(train_file),
+            tokenizer=tokenizer_fingerprint(tokenizer),
+        )
+        result = run_training(
+            model, SequenceDataset(sequences), CausalLMCollator(ids.pad), section.train, scratch_dir,
+            params.base.seed, fingerprint,
+        )
+
+    metrics = {"parameters": n_params, **validation_metrics(params, raw_dir, tokenizer, model)}
+    if result is not None:
+        losses = result.losses()
+        metrics |= {"train_seconds": round(result.seconds, 1), "steps": result.global_step,
+                    "final_loss": losses[-1][1] if losses else None}
+    save_model(model, tokenizer, out_dir)
+    write_json(metrics_path, metrics)
+    if result is not None:
+        write_loss_curve(loss_curve_path, result)
+        finish_scratch(scratch_dir)
+    return metrics
+
+
+def validation_metrics(params: Params, raw_dir: Path, tokenizer, model) -> dict:
+    """Greedy exact match on the first ``eval_rows`` validation rows (a quick signal; evaluation is its own stage)."""
+    section = params.base_model
+    val_file = Path(raw_dir) / "val.parquet"
+    if section.eval_rows == 0 or not val_file.is_file():
+        return {}
+    rows = tokenized_split(params, val_file, tokenizer)[: section.eval_rows]
+    if not rows:
+        return {}
+    decoded = generate_cot(
+        model, [row.prompt_ids for row in rows], special_ids(tokenizer), section.max_new_tokens,
+        section.eval_batch_size,
+    )
+    text_format = TextFormat(params.base.text)
+    predictions = [answer_text(d, tokenizer) for d in decoded]
+    references = [text_format.answer(row.answer) for row in rows]
+    return {"val_rows": len(rows), "val_exact_match": round(exact_match_rate(predictions, references), 4)}

@@ -1,0 +1,258 @@
+"""Typed pipeline parameters: the only reader of ``params.yaml``.
+
+Every section of ``params.yaml`` maps to one pydantic model below. Models forbid unknown keys, so a typo
+fails at once with the offending key path (``base.data.sorce``) and, for enumerations, the allowed values.
+Stages load the whole file (so any error surfaces in whichever stage runs first) and use their own section.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from latent_sft_core.errors import PipelineError
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+
+
+class ParamsError(PipelineError):
+    """A params file that cannot be read or does not validate; the message names file and key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------- base
+
+
+class DataSourceParams(Strict):
+    source: Literal["synthetic", "gsm8k_aug_txt", "jsonl", "hub"] = "synthetic"
+
+
+class ModelSourceParams(Strict):
+    source: Literal["tiny", "path"] = "tiny"
+    path: str | None = Field(default=None, description="local Hugging Face checkpoint when source is 'path'")
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _path_given_for_path_source(self) -> ModelSourceParams:
+        if self.source == "path" and not self.path:
+            raise ValueError("model.path is required when model.source is 'path'")
+        return self
+
+
+class TextParams(Strict):
+    """How question and answer are rendered; see ``latent_sft_core.text`` for the template itself."""
+
+    template: Literal["plain", "chat"] = "plain"
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    answer_template: str = "{answer}"
+
+    @model_validator(mode="after")
+    def _answer_template_has_slot(self) -> TextParams:
+        if "{answer}" not in self.answer_template:
+            raise ValueError("text.answer_template must contain the placeholder '{answer}'")
+        return self
+
+
+class BaseParams(Strict):
+    seed: int = 0
+    compression_rate: int = Field(default=4, ge=1, description="c: chain tokens per latent")
+    top_k: int = Field(default=10, ge=1, description="k of the top-k soft embedding (0 < k <= vocab)")
+    data: DataSourceParams = DataSourceParams()
+    model: ModelSourceParams = ModelSourceParams()
+    text: TextParams = TextParams()
+
+
+# -------------------------------------------------------------------------------------- prepare_data
+
+
+class SyntheticParams(Strict):
+    """Sizes and ranges of the generated GSM8k-Aug-style data set (see ``data/synthetic.py``)."""
+
+    train_size: int = Field(default=20000, ge=1)
+    val_size: int = Field(default=300, ge=0)
+    test_size: int = Field(default=500, ge=0)
+    ood_size: int = Field(default=300, ge=0, description="rows of each out-of-distribution split")
+    min_steps: int = Field(default=1, ge=1)
+    max_steps: int = Field(default=3, ge=1)
+    max_operand: int = Field(default=20, ge=2, description="largest number stated in a problem")
+    hard_max_operand: int = Field(default=200, ge=2, description="largest number in the 'hard' split")
+    alt_chains: int = Field(default=3, ge=0, description="alternative valid chains stored per test problem")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SyntheticParams:
+        if self.min_steps > self.max_steps:
+            raise ValueError("min_steps must be <= max_steps")
+        if self.hard_max_operand <= self.max_operand:
+            # the 'hard' split is defined by numbers above max_operand, so there must be room for them
+            raise ValueError("hard_max_operand must be > max_operand")
+        return self
+
+
+class FieldNames(Strict):
+    """Column names in a jsonl source; the reference data uses problem / cot / cot_answer for training and
+    problem / solution / answer for its test files. ``id`` names an optional id column; without it rows get
+    ``{split}-{line}`` ids."""
+
+    id: str | None = Field(default=None, min_length=1)
+    question: str = Field(default="question", min_length=1)
+    cot: str = Field(default="cot", min_length=1)
+    answer: str = Field(default="answer", min_length=1)
+
+
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class FileSourceParams(Strict):
+    """Files per split. Split names other than train/val/test are evaluation-only (e.g. OOD sets).
+
+    ``fields`` applies to every split unless ``split_fields`` overrides it for that split: the reference
+    data names its columns differently in training and test files.
+    """
+
+    files: dict[str, str] = Field(default_factory=dict)
+    fields: FieldNames = FieldNames()
+    split_fields: dict[str, FieldNames] = Field(default_factory=dict, description="per-split override of fields")
+
+    @model_validator(mode="after")
+    def _split_names(self) -> FileSourceParams:
+        # split names become file names ({split}.parquet), so keep them plain
+        bad = sorted(name for name in self.files if not _SPLIT_NAME.fullmatch(name))
+        if bad:
+            raise ValueError(f"split names may use only letters, digits, '_' and '-': {', '.join(bad)}")
+        unknown = sorted(set(self.split_fields) - set(self.files))
+        if unknown:
+            raise ValueError(f"split_fields names splits without a file: {', '.join(unknown)}")
+        return self
+
+    def fields_for(self, split: str) -> FieldNames:
+        """The column names to read ``split`` with."""
+        return self.split_fields.get(split, self.fields)
+
+
+class HubParams(FileSourceParams):
+    """A Hugging Face dataset repository; ``files`` are paths inside the repository, read as ``format``."""
+
+    repo_id: str = "DJCheng/Latent-Reasoning-Data"
+    revision: str = "main"
+    format: Literal["jsonl", "gsm8k_aug_txt"] = "jsonl"
+
+
+class PrepareDataParams(Strict):
+    on_bad_row: Literal["error", "skip"] = "error"
+    val_from_train: int = Field(default=0, ge=0, description="rows moved from train to val when no val file")
+    max_rows: int | None = Field(default=None, ge=1, description="cap per split (quick trials)")
+    synthetic: SyntheticParams = SyntheticParams()
+    gsm8k_aug_txt: FileSourceParams = FileSourceParams()
+    jsonl: FileSourceParams = FileSourceParams()
+    hub: HubParams = HubParams()
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+class TokenizerParams(Strict):
+    vocab_size: int = Field(default=512, ge=64, description="BPE vocabulary of the embedded tokenizer")
+    min_frequency: int = Field(default=2, ge=1)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+class TrainParams(Strict):
+    """One training run; shared by every training stage."""
+
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int = Field(default=-1, description="overrides epochs when > 0")
+    batch_size: int = Field(default=64, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "cosine"
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    save_steps: int = Field(default=200, ge=1, description="resume checkpoint interval")
+    logging_steps: int = Field(default=20, ge=1)
+    max_seq_len: int = Field(default=512, ge=8, description="longer training sequences are an error")
+    dataloader_workers: int = Field(default=0, ge=0)
+
+
+class TinyModelParams(Strict):
+    """Sizes of the config-built Llama of the embedded default."""
+
+    hidden_size: int = Field(default=128, ge=8)
+    num_layers: int = Field(default=4, ge=1)
+    num_heads: int = Field(default=4, ge=1)
+    intermediate_size: int = Field(default=512, ge=8)
+    max_position_embeddings: int = Field(default=512, ge=16)
+    tie_word_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelParams:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        return self
+
+
+class BaseModelParams(Strict):
+    skip_sft: bool = Field(default=False, description="with model.source 'path': keep the checkpoint as is")
+    tiny: TinyModelParams = TinyModelParams()
+    train: TrainParams = TrainParams(epochs=3.0, lr=2e-3)
+    eval_rows: int = Field(default=300, ge=0, description="validation rows decoded for the stage's metric")
+    eval_batch_size: int = Field(default=64, ge=1)
+    max_new_tokens: int = Field(default=96, ge=1)
+
+
+# ------------------------------------------------------------------------------------------- the file
+
+
+class Params(Strict):
+    base: BaseParams = BaseParams()
+    prepare_data: PrepareDataParams = PrepareDataParams()
+    tokenizer: TokenizerParams = TokenizerParams()
+    base_model: BaseModelParams = BaseModelParams()
+
+
+def _format_validation_error(path: Path, error: ValidationError) -> str:
+    lines = [f"{path}: invalid parameters"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            got = item.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_params(data: object, source: Path | str = "<params>") -> Params:
+    """Validate an already-loaded mapping; raise ParamsError naming ``source`` and every bad key."""
+    source = Path(source)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as error:
+        raise ParamsError(_format_validation_error(source, error)) from None
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS_PATH) -> Params:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ParamsError(f"{path}: cannot read params file ({error.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    return parse_params(data, path)

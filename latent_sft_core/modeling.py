@@ -1,0 +1,87 @@
+"""Building, loading and saving models: plain Hugging Face causal LMs with safetensors weights."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from latent_sft_core.config import ModelSourceParams, TinyModelParams
+from latent_sft_core.errors import ArtifactError
+from latent_sft_core.io import atomic_dir
+from latent_sft_core.text import SpecialIds, load_tokenizer, special_ids
+
+log = logging.getLogger(__name__)
+
+
+def build_tiny_model(tiny: TinyModelParams, vocab_size: int, ids: SpecialIds, seed: int) -> LlamaForCausalLM:
+    """A randomly initialised Llama of the given sizes (the embedded default's model), seeded."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        tie_word_embeddings=tiny.tie_word_embeddings,
+        pad_token_id=ids.pad,
+        eos_token_id=ids.end,
+        bos_token_id=None,
+        attn_implementation="sdpa",
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def _check_weights(path: Path) -> None:
+    if not any(path.glob("*.safetensors")):
+        raise ArtifactError(f"{path}: no *.safetensors weights in this model folder (only safetensors are loaded)")
+
+
+def load_pretrained_model(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A local causal-LM checkpoint, weights from safetensors only, never from the network."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ArtifactError(f"{path}: no config.json; not a Hugging Face model folder")
+    _check_weights(path)
+    return AutoModelForCausalLM.from_pretrained(
+        str(path),
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        local_files_only=True,
+        attn_implementation="sdpa",
+        dtype=torch.float32,
+    )
+
+
+def load_base_model(source: ModelSourceParams, tiny: TinyModelParams, tokenizer: PreTrainedTokenizerBase, seed: int):
+    """The model CoT-SFT starts from: a config-built tiny Llama, or a local checkpoint fitted to the tokenizer."""
+    ids = special_ids(tokenizer)
+    if source.source == "tiny":
+        return build_tiny_model(tiny, len(tokenizer), ids, seed)
+    model = load_pretrained_model(source.path, source.trust_remote_code)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        log.info("resizing embeddings %d -> %d for the added special tokens",
+                 model.get_input_embeddings().num_embeddings, len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.pad_token_id = ids.pad
+    model.config.eos_token_id = ids.end
+    return model
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path | str) -> None:
+    """Model (safetensors) and tokenizer side by side, written atomically."""
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp))  # safetensors: the only format transformers 5 writes
+        tokenizer.save_pretrained(str(tmp))
+
+
+def load_model(path: Path | str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model saved by ``save_model`` with its tokenizer."""
+    path = Path(path)
+    model = load_pretrained_model(path)
+    return model, load_tokenizer(path)

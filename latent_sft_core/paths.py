@@ -1,0 +1,13 @@
+"""Where each stage reads and writes by default (relative to the repo root, where DVC runs stages).
+
+dvc.yaml declares the same paths as deps/outs; tests/pipeline checks that the two agree.
+"""
+
+from pathlib import Path
+
+RAW_DIR = Path("data/raw")
+TOKENIZER_DIR = Path("artifacts/tokenizer")
+CHUNKED_DIR = Path("data/chunked")
+BASE_MODEL_DIR = Path("models/base")
+METRICS_DIR = Path("metrics")
+PLOTS_DIR = Path("plots")

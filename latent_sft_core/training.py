@@ -1,0 +1,165 @@
+"""Resumable training on the Hugging Face Trainer, shared by every training stage.
+
+Resume checkpoints live in a scratch folder outside the DVC outs (``.scratch/<stage>``). The folder carries a
+fingerprint of everything the run depends on (params, input data, tokenizer); a rerun with the same
+fingerprint resumes from the newest checkpoint (weights, optimizer, scheduler, RNG states), a rerun with
+another fingerprint starts over. The folder is removed once the stage's outputs are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import get_last_checkpoint
+
+from latent_sft_core.config import TrainParams
+from latent_sft_core.layout import TokenSequence, labels_from_roles, pad_sequences
+
+log = logging.getLogger(__name__)
+SCRATCH_ROOT = Path(".scratch")
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+class SequenceDataset(torch.utils.data.Dataset):
+    def __init__(self, sequences: Sequence[TokenSequence]):
+        self.sequences = list(sequences)
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, index: int) -> TokenSequence:
+        return self.sequences[index]
+
+
+@dataclass(frozen=True)
+class CausalLMCollator:
+    """Pads a batch of TokenSequences; labels from roles (chain and answer supervised)."""
+
+    pad_id: int
+
+    def __call__(self, batch: Sequence[TokenSequence]) -> dict[str, torch.Tensor]:
+        padded = pad_sequences(batch, self.pad_id)
+        return {
+            "input_ids": padded["input_ids"],
+            "attention_mask": padded["attention_mask"],
+            "labels": labels_from_roles(padded["input_ids"], padded["roles"]),
+        }
+
+
+def file_digest(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_fingerprint(**parts: object) -> str:
+    """Stable hash of JSON-able parts (params dumps, file digests, tokenizer fingerprints)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_scratch(scratch_dir: Path, fingerprint: str) -> str | None:
+    """Make ``scratch_dir`` belong to this run; return the checkpoint to resume from, if any."""
+    marker = scratch_dir / FINGERPRINT_FILE
+    if scratch_dir.exists():
+        previous = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
+        if previous != fingerprint:
+            log.info("%s holds checkpoints of another run (params or inputs changed); starting over", scratch_dir)
+            shutil.rmtree(scratch_dir)
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"fingerprint": fingerprint}))
+    checkpoint = latest_complete_checkpoint(scratch_dir)
+    if checkpoint:
+        log.info("resuming from %s", checkpoint)
+    return checkpoint
+
+
+def latest_complete_checkpoint(scratch_dir: Path) -> str | None:
+    """The newest checkpoint whose trainer state (written last by the Trainer) is intact.
+
+    A checkpoint cut short by a kill is deleted, so the run falls back to the one before it.
+    """
+    while (checkpoint := get_last_checkpoint(str(scratch_dir))) is not None:
+        try:
+            json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())
+            return checkpoint
+        except (OSError, ValueError):
+            log.warning("removing incomplete checkpoint %s", checkpoint)
+            shutil.rmtree(checkpoint)
+    return None
+
+
+def training_arguments(train: TrainParams, output_dir: Path, seed: int, **overrides: object) -> TrainingArguments:
+    """TrainingArguments from a TrainParams section; one definition for every stage."""
+    values = dict(
+        output_dir=str(output_dir),
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        weight_decay=train.weight_decay,
+        warmup_steps=train.warmup_ratio,
+        lr_scheduler_type=train.lr_scheduler,
+        max_grad_norm=train.max_grad_norm,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=2,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=train.dataloader_workers,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=False,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+@dataclass
+class TrainResult:
+    log_history: list[dict]
+    seconds: float
+    global_step: int
+
+    def losses(self) -> list[tuple[int, float]]:
+        return [(entry["step"], entry["loss"]) for entry in self.log_history if "loss" in entry]
+
+
+def run_training(
+    model: PreTrainedModel,
+    dataset: torch.utils.data.Dataset,
+    collator: Callable,
+    train: TrainParams,
+    scratch_dir: Path,
+    seed: int,
+    fingerprint: str,
+    trainer_cls: type[Trainer] = Trainer,
+    **argument_overrides: object,
+) -> TrainResult:
+    """Train ``model`` in place, resuming from the scratch folder's newest checkpoint when it matches."""
+    checkpoint = prepare_scratch(scratch_dir, fingerprint)
+    args = training_arguments(train, scratch_dir, seed, **argument_overrides)
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    return TrainResult(trainer.state.log_history, time.perf_counter() - started, trainer.state.global_step)
+
+
+def finish_scratch(scratch_dir: Path) -> None:
+    """Drop the resume checkpoints once the stage's outputs are safely written."""
+    shutil.rmtree(scratch_dir, ignore_errors=True)

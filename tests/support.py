@@ -1,0 +1,40 @@
+"""Constants shared by tests: repository paths and the micro configuration."""
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+GSM8K_AUG_TEST = SHARED_DIR / "data" / "gsm8k_aug" / "test.txt"
+
+# A configuration small enough for a stage to run in seconds on 2 cores (used by integration and pipeline tests).
+MICRO_PARAMS: dict = {
+    "base": {"seed": 0, "compression_rate": 2, "top_k": 4},
+    "prepare_data": {
+        "synthetic": {"train_size": 256, "val_size": 16, "test_size": 16, "ood_size": 8, "max_steps": 2, "alt_chains": 2}
+    },
+    "tokenizer": {"vocab_size": 160},
+    "base_model": {
+        "tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
+                 "max_position_embeddings": 256},
+        "train": {"epochs": 1, "max_steps": 24, "batch_size": 16, "lr": 0.003, "save_steps": 8,
+                  "logging_steps": 4},
+        "eval_rows": 8,
+        "eval_batch_size": 8,
+        "max_new_tokens": 48,
+    },
+}
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` applied key by key (nested mappings merged, other values replaced)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def micro_params_file_content() -> dict:
+    """The repository's params.yaml with the micro configuration applied: every key DVC tracks is present."""
+    import yaml
+
+    return deep_merge(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), MICRO_PARAMS)

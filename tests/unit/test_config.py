@@ -1,0 +1,83 @@
+import pytest
+import yaml
+
+from latent_sft_core.config import Params, ParamsError, load_params, parse_params
+from tests.support import MICRO_PARAMS, REPO_ROOT
+
+pytestmark = pytest.mark.unit
+
+
+def test_repository_params_file_validates():
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert params.base.data.source == "synthetic"
+    assert params.base.model.source == "tiny"
+    assert params.base.compression_rate == 4 and params.base.top_k == 10
+
+
+def test_micro_params_validate():
+    params = parse_params(MICRO_PARAMS)
+    assert params.base_model.tiny.hidden_size == 32
+    assert params.prepare_data.synthetic.train_size == 256
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    (tmp_path / "p.yaml").write_text("")
+    assert load_params(tmp_path / "p.yaml") == Params()
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"base": {"compresion_rate": 2}}))
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    assert str(path) in str(error.value)
+    assert "base.compresion_rate: unknown key" in str(error.value)
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(ParamsError, match="train_encodr: unknown key"):
+        parse_params({"train_encodr": {}})
+
+
+def test_bad_choice_lists_allowed_values():
+    with pytest.raises(ParamsError) as error:
+        parse_params({"base": {"data": {"source": "csv"}}})
+    message = str(error.value)
+    assert "base.data.source" in message and "'csv'" in message
+    for allowed in ("synthetic", "gsm8k_aug_txt", "jsonl", "hub"):
+        assert allowed in message
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ({"base": {"compression_rate": 0}}, "base.compression_rate"),
+        ({"base": {"top_k": "ten"}}, "base.top_k"),
+        ({"base_model": {"train": {"lr": -1}}}, "base_model.train.lr"),
+        ({"prepare_data": {"synthetic": {"min_steps": 4, "max_steps": 2}}}, "min_steps must be <= max_steps"),
+        ({"base_model": {"tiny": {"hidden_size": 30, "num_heads": 4}}}, "divisible"),
+        ({"base": {"model": {"source": "path"}}}, "model.path is required"),
+        ({"base": {"text": {"answer_template": "no slot"}}}, "{answer}"),
+        ({"prepare_data": {"on_bad_row": "ignore"}}, "prepare_data.on_bad_row"),
+    ],
+)
+def test_bad_values_name_the_key(section, expected):
+    with pytest.raises(ParamsError) as error:
+        parse_params(section)
+    assert expected in str(error.value)
+
+
+def test_not_a_mapping(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_params(path)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("base: {seed: [\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(path)
+    with pytest.raises(ParamsError, match="cannot read"):
+        load_params(tmp_path / "missing.yaml")
