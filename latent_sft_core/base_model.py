@@ -1,7 +1,7 @@
 """The base_model stage: explicit CoT-SFT of the starting model (tiny config-built Llama or a local checkpoint).
 
 The result starts phase 1 and is the CoT-SFT baseline of the evaluation. Tokenisation goes through the same
-``chunk_example`` as the chunk stage, but the stage reads the raw splits so that changing c does not retrain it.
+``chunk_examples`` as the chunk stage, but the stage reads the raw splits so that changing c does not retrain it.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from latent_sft_core.chunking import ChunkedRow, chunk_example
+from latent_sft_core.chunking import ChunkedRow, chunk_examples
 from latent_sft_core.config import Params
 from latent_sft_core.data.schema import read_examples
 from latent_sft_core.errors import DataError
@@ -34,11 +34,9 @@ log = logging.getLogger(__name__)
 
 
 def tokenized_split(params: Params, raw_file: Path, tokenizer) -> list[ChunkedRow]:
-    text_format = TextFormat(params.base.text)
-    return [
-        chunk_example(example, tokenizer, text_format, params.base.compression_rate)
-        for example in read_examples(raw_file)
-    ]
+    return chunk_examples(
+        read_examples(raw_file), tokenizer, TextFormat(params.base.text), params.base.compression_rate, raw_file.stem
+    )
 
 
 def write_loss_curve(path: Path, result: TrainResult) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from latent_sft_core.config import Params
@@ -35,7 +36,14 @@ from latent_sft_core.data.schema import Example, read_examples
 from latent_sft_core.errors import ArtifactError
 from latent_sft_core.io import atomic_dir, write_json
 from latent_sft_core.layout import cot_sft_sequence
-from latent_sft_core.text import SpecialIds, TextFormat, encode, load_tokenizer, special_ids, tokenizer_fingerprint
+from latent_sft_core.text import (
+    SpecialIds,
+    TextFormat,
+    encode_batch,
+    load_tokenizer,
+    special_ids,
+    tokenizer_fingerprint,
+)
 
 CHUNKED_SCHEMA = pa.schema(
     [
@@ -53,6 +61,7 @@ CHUNKED_SCHEMA = pa.schema(
 META_COMPRESSION_RATE = b"latent_sft.compression_rate"
 META_TOKENIZER = b"latent_sft.tokenizer"
 META_TEMPLATE = b"latent_sft.text_template"
+TOKENIZE_BATCH = 4096
 
 
 def chunk_bounds(length: int, compression_rate: int) -> list[int]:
@@ -87,20 +96,35 @@ class ChunkedRow:
         return [self.cot_ids[a:b] for a, b in zip(self.chunk_bounds, self.chunk_bounds[1:])]
 
 
-def chunk_example(
-    example: Example, tokenizer: PreTrainedTokenizerBase, text_format: TextFormat, compression_rate: int
-) -> ChunkedRow:
-    cot_ids = encode(tokenizer, example.cot)
-    return ChunkedRow(
-        id=example.id,
-        question=example.question,
-        answer=example.answer,
-        prompt_ids=encode(tokenizer, text_format.prompt(example.question, tokenizer)),
-        cot_ids=cot_ids,
-        answer_ids=encode(tokenizer, text_format.answer(example.answer)),
-        chunk_bounds=chunk_bounds(len(cot_ids), compression_rate),
-        alt_cot_ids=[encode(tokenizer, alt) for alt in example.alt_cots],
-    )
+def chunk_examples(
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    text_format: TextFormat,
+    compression_rate: int,
+    description: str = "tokenising",
+) -> list[ChunkedRow]:
+    """Tokenise prompt, chain and answer of every example separately (batched) and chunk the chains."""
+    rows: list[ChunkedRow] = []
+    starts = range(0, len(examples), TOKENIZE_BATCH)
+    for start in tqdm(starts, desc=description, unit="batch", disable=len(starts) < 2):
+        batch = examples[start : start + TOKENIZE_BATCH]
+        prompts = encode_batch(tokenizer, [text_format.prompt(e.question, tokenizer) for e in batch])
+        chains = encode_batch(tokenizer, [e.cot for e in batch])
+        answers = encode_batch(tokenizer, [text_format.answer(e.answer) for e in batch])
+        for example, prompt_ids, cot_ids, answer_ids in zip(batch, prompts, chains, answers):
+            rows.append(
+                ChunkedRow(
+                    id=example.id,
+                    question=example.question,
+                    answer=example.answer,
+                    prompt_ids=prompt_ids,
+                    cot_ids=cot_ids,
+                    answer_ids=answer_ids,
+                    chunk_bounds=chunk_bounds(len(cot_ids), compression_rate),
+                    alt_cot_ids=encode_batch(tokenizer, list(example.alt_cots)),
+                )
+            )
+    return rows
 
 
 def rows_to_table(rows: Sequence[ChunkedRow], metadata: dict[bytes, bytes]) -> pa.Table:
@@ -147,7 +171,7 @@ def chunk_dataset(params: Params, raw_dir: Path, tokenizer_dir: Path, out_dir: P
     with atomic_dir(out_dir) as tmp:
         for raw_file in raw_files:
             split = raw_file.stem
-            rows = [chunk_example(example, tokenizer, text_format, c) for example in read_examples(raw_file)]
+            rows = chunk_examples(read_examples(raw_file), tokenizer, text_format, c, description=split)
             pq.write_table(rows_to_table(rows, metadata), tmp / f"{split}.parquet")
             stats[split] = split_stats(rows, special_ids(tokenizer))
     write_json(metrics_path, {"compression_rate": c, **stats})

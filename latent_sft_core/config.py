@@ -75,14 +75,14 @@ class BaseParams(Strict):
 class SyntheticParams(Strict):
     """Sizes and ranges of the generated GSM8k-Aug-style data set (see ``data/synthetic.py``)."""
 
-    train_size: int = Field(default=20000, ge=1)
+    train_size: int = Field(default=100000, ge=1)
     val_size: int = Field(default=300, ge=0)
     test_size: int = Field(default=500, ge=0)
     ood_size: int = Field(default=300, ge=0, description="rows of each out-of-distribution split")
     min_steps: int = Field(default=1, ge=1)
     max_steps: int = Field(default=3, ge=1)
-    max_operand: int = Field(default=20, ge=2, description="largest number stated in a problem")
-    hard_max_operand: int = Field(default=200, ge=2, description="largest number in the 'hard' split")
+    max_operand: int = Field(default=10, ge=2, description="largest number stated in a problem")
+    hard_max_operand: int = Field(default=100, ge=2, description="largest number in the 'hard' split")
     alt_chains: int = Field(default=3, ge=0, description="alternative valid chains stored per test problem")
 
     @model_validator(mode="after")
@@ -142,6 +142,8 @@ class HubParams(FileSourceParams):
     repo_id: str = "DJCheng/Latent-Reasoning-Data"
     revision: str = "main"
     format: Literal["jsonl", "gsm8k_aug_txt"] = "jsonl"
+    # the reference repository's training files; its test files need split_fields (problem / solution / answer)
+    fields: FieldNames = FieldNames(question="problem", cot="cot", answer="cot_answer")
 
 
 class PrepareDataParams(Strict):
@@ -203,7 +205,7 @@ class TinyModelParams(Strict):
 class BaseModelParams(Strict):
     skip_sft: bool = Field(default=False, description="with model.source 'path': keep the checkpoint as is")
     tiny: TinyModelParams = TinyModelParams()
-    train: TrainParams = TrainParams(epochs=3.0, lr=2e-3)
+    train: TrainParams = TrainParams(epochs=1.0, lr=3e-3, logging_steps=50)
     eval_rows: int = Field(default=300, ge=0, description="validation rows decoded for the stage's metric")
     eval_batch_size: int = Field(default=64, ge=1)
     max_new_tokens: int = Field(default=96, ge=1)
@@ -217,6 +219,12 @@ class Params(Strict):
     prepare_data: PrepareDataParams = PrepareDataParams()
     tokenizer: TokenizerParams = TokenizerParams()
     base_model: BaseModelParams = BaseModelParams()
+
+    @model_validator(mode="after")
+    def _skip_sft_needs_a_checkpoint(self) -> Params:
+        if self.base_model.skip_sft and self.base.model.source == "tiny":
+            raise ValueError("base_model.skip_sft needs base.model.source 'path': a tiny model starts untrained")
+        return self
 
 
 def _format_validation_error(path: Path, error: ValidationError) -> str:

@@ -72,6 +72,11 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """``encode`` for many texts in one call (the fast tokenizer batches them)."""
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
 @dataclass(frozen=True)
 class TextFormat:
     """Renders a question into the prompt and a gold answer into the answer text, from ``base.text``."""

@@ -59,6 +59,7 @@ def test_bad_choice_lists_allowed_values():
         ({"base": {"model": {"source": "path"}}}, "model.path is required"),
         ({"base": {"text": {"answer_template": "no slot"}}}, "{answer}"),
         ({"prepare_data": {"on_bad_row": "ignore"}}, "prepare_data.on_bad_row"),
+        ({"base_model": {"skip_sft": True}}, "skip_sft needs base.model.source 'path'"),
     ],
 )
 def test_bad_values_name_the_key(section, expected):
@@ -81,3 +82,10 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_params(path)
     with pytest.raises(ParamsError, match="cannot read"):
         load_params(tmp_path / "missing.yaml")
+
+
+def test_params_file_spells_out_the_schema_defaults():
+    """params.yaml shows every default of the schema, so the two cannot drift apart."""
+    assert load_params(REPO_ROOT / "params.yaml") == Params()
+    on_disk = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    assert on_disk == Params().model_dump(mode="json")
