@@ -14,7 +14,7 @@ from latent_sft_core.config import Params
 from latent_sft_core.data.schema import read_examples
 from latent_sft_core.errors import DataError
 from latent_sft_core.inference import generate_cot
-from latent_sft_core.io import atomic_path, write_json
+from latent_sft_core.io import write_json
 from latent_sft_core.layout import cot_sft_sequence
 from latent_sft_core.modeling import load_base_model, save_model
 from latent_sft_core.scoring import answer_text, exact_match_rate
@@ -23,11 +23,11 @@ from latent_sft_core.training import (
     SCRATCH_ROOT,
     CausalLMCollator,
     SequenceDataset,
-    TrainResult,
     file_digest,
     finish_scratch,
     run_fingerprint,
     run_training,
+    write_loss_curve,
 )
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,6 @@ def tokenized_split(params: Params, raw_file: Path, tokenizer) -> list[ChunkedRo
     return chunk_examples(
         read_examples(raw_file), tokenizer, TextFormat(params.base.text), params.base.compression_rate, raw_file.stem
     )
-
-
-def write_loss_curve(path: Path, result: TrainResult) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text("step,loss\n" + "".join(f"{step},{loss:.6f}\n" for step, loss in result.losses()))
 
 
 def train_base_model(

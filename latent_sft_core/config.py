@@ -211,6 +211,51 @@ class BaseModelParams(Strict):
     max_new_tokens: int = Field(default=96, ge=1)
 
 
+# ---------------------------------------------------------------------------------------------- phase 1
+
+
+class LatentParams(Strict):
+    """How latent tokens are formed and masked; shared by phase 1, the soft-label cache, stage 2 and inference."""
+
+    kind: Literal["soft_embedding", "hidden_state"] = Field(
+        default="soft_embedding", description="hidden_state: the paper's ablation feeding h instead of alpha @ E"
+    )
+    full_vocab: bool = Field(default=False, description="alpha over the whole vocabulary instead of base.top_k")
+    temperature: float = Field(default=1.0, gt=0)
+    projection: Literal["input_embeddings", "lm_head"] = Field(
+        default="input_embeddings", description="logits E h (reference code) or W h (LM head); equal when tied"
+    )
+    encoder_mask: Literal["ltim", "causal"] = Field(default="ltim", description="causal: the 'w/o LTIM' ablation")
+    decoder_mask: Literal["ltsum", "prefix", "causal"] = Field(
+        default="ltsum", description="prefix: the paper's Pi_i reading; causal: the 'w/o LTSuM' ablation"
+    )
+
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraParams(Strict):
+    """A LoRA adapter (peft). Real models in the paper: rank 64, alpha 128, dropout 0.1."""
+
+    rank: int = Field(default=32, ge=1)
+    alpha: int = Field(default=64, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    targets: tuple[str, ...] = Field(default=DEFAULT_LORA_TARGETS, min_length=1)
+
+
+class Stage1Params(Strict):
+    """One phase-1 training (encoder, decoder or joint). ``*_lora`` null = that model stays frozen."""
+
+    encoder_lora: LoraParams | None = None
+    decoder_lora: LoraParams | None = None
+    train: TrainParams = TrainParams(epochs=1.0, lr=1e-3, save_steps=100, logging_steps=20)
+    max_train_rows: int | None = Field(default=20000, ge=1, description="first rows of the train split used")
+    max_eval_rows: int = Field(default=256, ge=1, description="validation rows scored to pick the best checkpoint")
+
+
+ENCODER_LORA = LoraParams(targets=(*DEFAULT_LORA_TARGETS, "embed_tokens"))  # embed_tokens: the new latent row
+
+
 # ------------------------------------------------------------------------------------------- the file
 
 
@@ -219,6 +264,20 @@ class Params(Strict):
     prepare_data: PrepareDataParams = PrepareDataParams()
     tokenizer: TokenizerParams = TokenizerParams()
     base_model: BaseModelParams = BaseModelParams()
+    latent: LatentParams = LatentParams()
+    train_encoder: Stage1Params = Stage1Params(encoder_lora=ENCODER_LORA)
+    train_decoder: Stage1Params = Stage1Params(decoder_lora=LoraParams())
+    train_joint: Stage1Params = Stage1Params(encoder_lora=ENCODER_LORA, decoder_lora=LoraParams())
+
+    @model_validator(mode="after")
+    def _phase1_sections_train_their_models(self) -> Params:
+        expected = {"train_encoder": (True, False), "train_decoder": (False, True), "train_joint": (True, True)}
+        for name, (encoder, decoder) in expected.items():
+            section: Stage1Params = getattr(self, name)
+            if (section.encoder_lora is not None, section.decoder_lora is not None) != (encoder, decoder):
+                wanted = " and ".join(n for n, on in (("encoder_lora", encoder), ("decoder_lora", decoder)) if on)
+                raise ValueError(f"{name} trains exactly {wanted}: set {wanted} and leave the other null")
+        return self
 
     @model_validator(mode="after")
     def _skip_sft_needs_a_checkpoint(self) -> Params:

@@ -18,11 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from latent_sft_core.config import TrainParams
+from latent_sft_core.errors import ArtifactError
+from latent_sft_core.io import atomic_path
 from latent_sft_core.layout import TokenSequence, labels_from_roles, pad_sequences
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,18 @@ def file_digest(path: Path | str) -> str:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def dir_digest(path: Path | str) -> str:
+    """Digest of every file under ``path`` (names and contents); a file's digest when ``path`` is a file."""
+    path = Path(path)
+    if path.is_file():
+        return file_digest(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(file_digest(file).encode())
     return digest.hexdigest()
 
 
@@ -130,14 +145,85 @@ def training_arguments(train: TrainParams, output_dir: Path, seed: int, **overri
     return TrainingArguments(**values)
 
 
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+
+
+class TrainableStateTrainer(Trainer):
+    """A Trainer for a module of several models, most of them frozen.
+
+    Checkpoints hold only the trainable parameters (the LoRA weights), beside the optimizer, scheduler and
+    RNG state, so a resume checkpoint of a 1B model is megabytes, not gigabytes. The module's forward returns a
+    dict with ``loss`` and detached components (``*_loss``), which are averaged over each logging interval
+    and logged beside the loss.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._component_sums: dict[str, float] = {}
+        self._component_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        if model.training:
+            for name, value in outputs.items():
+                if name != "loss":
+                    self._component_sums[name] = self._component_sums.get(name, 0.0) + float(value)
+            self._component_count += 1
+        return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._component_count:
+            logs |= {name: round(total / self._component_count, 6) for name, total in self._component_sums.items()}
+            self._component_sums, self._component_count = {}, 0
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        folder = Path(output_dir or self.args.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        trainable = {name: p.detach().cpu().contiguous() for name, p in self.model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(folder / TRAINABLE_WEIGHTS))
+
+    def _load_trainable(self, checkpoint: str | Path) -> None:
+        weights = load_file(str(Path(checkpoint) / TRAINABLE_WEIGHTS))
+        parameters = dict(self.model.named_parameters())
+        expected = {name for name, p in parameters.items() if p.requires_grad}
+        if set(weights) != expected:
+            raise ArtifactError(f"{checkpoint}: its trainable weights do not match this run's model")
+        with torch.no_grad():
+            for name, value in weights.items():
+                parameters[name].copy_(value)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self._load_trainable(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        log.info("loading the best checkpoint %s (eval loss %s)", self.state.best_model_checkpoint,
+                 self.state.best_metric)
+        self._load_trainable(self.state.best_model_checkpoint)
+
+
 @dataclass
 class TrainResult:
     log_history: list[dict]
     seconds: float
     global_step: int
 
+    best_checkpoint_step: int | None = None
+    best_eval_loss: float | None = None
+
     def losses(self) -> list[tuple[int, float]]:
         return [(entry["step"], entry["loss"]) for entry in self.log_history if "loss" in entry]
+
+    def curve(self) -> list[dict[str, float]]:
+        """Training log rows (step, loss and any logged loss components), for a loss-curve plot."""
+        return [
+            {key: value for key, value in entry.items() if key == "step" or key.endswith("loss")}
+            for entry in self.log_history
+            if "loss" in entry
+        ]
+
+    def eval_losses(self) -> list[tuple[int, float]]:
+        return [(entry["step"], entry["eval_loss"]) for entry in self.log_history if "eval_loss" in entry]
 
 
 def run_training(
@@ -149,15 +235,49 @@ def run_training(
     seed: int,
     fingerprint: str,
     trainer_cls: type[Trainer] = Trainer,
+    eval_dataset: torch.utils.data.Dataset | None = None,
     **argument_overrides: object,
 ) -> TrainResult:
-    """Train ``model`` in place, resuming from the scratch folder's newest checkpoint when it matches."""
+    """Train ``model`` in place, resuming from the scratch folder's newest checkpoint when it matches.
+
+    With an ``eval_dataset`` the validation loss is computed at every checkpoint and the best checkpoint
+    (lowest validation loss) is loaded at the end.
+    """
     checkpoint = prepare_scratch(scratch_dir, fingerprint)
+    if eval_dataset is not None:
+        argument_overrides = {
+            "eval_strategy": "steps",
+            "eval_steps": train.save_steps,
+            "per_device_eval_batch_size": train.batch_size,
+            "load_best_model_at_end": True,
+            "metric_for_best_model": "eval_loss",
+            "greater_is_better": False,
+            "prediction_loss_only": True,
+            **argument_overrides,
+        }
     args = training_arguments(train, scratch_dir, seed, **argument_overrides)
-    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=collator
+    )
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
-    return TrainResult(trainer.state.log_history, time.perf_counter() - started, trainer.state.global_step)
+    best = trainer.state.best_model_checkpoint
+    return TrainResult(
+        trainer.state.log_history,
+        time.perf_counter() - started,
+        trainer.state.global_step,
+        best_checkpoint_step=int(best.rsplit("-", 1)[1]) if best else None,
+        best_eval_loss=trainer.state.best_metric,
+    )
+
+
+def write_loss_curve(path: Path, result: TrainResult) -> None:
+    """CSV of the training log (step, loss and the logged loss components), written atomically."""
+    rows = result.curve()
+    columns = ["step", "loss", *sorted({key for row in rows for key in row} - {"step", "loss"})]
+    lines = [",".join(columns)] + [",".join(f"{row.get(c, '')}" for c in columns) for row in rows]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
 
 
 def finish_scratch(scratch_dir: Path) -> None:

@@ -2,6 +2,10 @@
 
 from pathlib import Path
 
+from latent_sft_core.config import DEFAULT_LORA_TARGETS, ENCODER_LORA
+
+LORA_TARGETS = {"encoder": ENCODER_LORA.targets, "decoder": DEFAULT_LORA_TARGETS}
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
 GSM8K_AUG_TEST = SHARED_DIR / "data" / "gsm8k_aug" / "test.txt"
@@ -21,6 +25,19 @@ MICRO_PARAMS: dict = {
         "eval_rows": 8,
         "eval_batch_size": 8,
         "max_new_tokens": 48,
+    },
+    **{
+        stage: {
+            **{f"{part}_lora": {"rank": 4, "alpha": 8, "targets": list(LORA_TARGETS[part])} for part in parts},
+            "train": {"max_steps": 12, "batch_size": 16, "lr": 0.01, "save_steps": 6, "logging_steps": 2},
+            "max_train_rows": 192,
+            "max_eval_rows": 16,
+        }
+        for stage, parts in (
+            ("train_encoder", ("encoder",)),
+            ("train_decoder", ("decoder",)),
+            ("train_joint", ("encoder", "decoder")),
+        )
     },
 }
 

@@ -18,29 +18,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from latent_sft_core.base_model import train_base_model
-from latent_sft_core.chunking import chunk_dataset, read_chunked
-from latent_sft_core.config import parse_params
-from latent_sft_core.data.prepare import prepare_data
+from latent_sft_core.chunking import read_chunked
 from latent_sft_core.errors import ArtifactError, DataError
-from latent_sft_core.text import build_tokenizer, special_ids, tokenizer_fingerprint
+from latent_sft_core.text import special_ids, tokenizer_fingerprint
 from tests.support import MICRO_PARAMS, REPO_ROOT
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def micro_run(tmp_path_factory):
-    """Raw data, tokenizer, chunks and a CoT-SFT model for the micro configuration (built once per module)."""
-    root = tmp_path_factory.mktemp("micro")
-    params = parse_params(MICRO_PARAMS)
-    prepare_data(params, root / "raw")
-    build_tokenizer(params, root / "raw", root / "tokenizer")
-    chunk_dataset(params, root / "raw", root / "tokenizer", root / "chunked", root / "metrics" / "chunk.json")
-    metrics = train_base_model(
-        params, root / "raw", root / "tokenizer", root / "base", root / "metrics" / "base_model.json",
-        root / "plots" / "loss.csv", scratch_dir=root / "scratch",
-    )
-    return root, params, metrics
 
 
 def test_chunk_stage_outputs(micro_run):

@@ -88,5 +88,5 @@ def test_stage_params_exist_in_schema(stage):
 
 def test_every_stage_module_is_a_stage():
     modules = {spec["cmd"].split("python -m tasks.")[1].split()[0] for spec in STAGES.values()}
-    on_disk = {p.stem for p in (REPO_ROOT / "tasks").glob("*.py") if p.stem != "__init__"}
+    on_disk = {p.stem for p in (REPO_ROOT / "tasks").glob("*.py") if not p.stem.startswith("_")}
     assert modules == on_disk

@@ -1,0 +1,59 @@
+"""Latent tokens as superpositions of vocabulary embeddings: alpha from a hidden state, then Z = alpha @ E.
+
+Definitions (one place, used by the encoder in phase 1, the soft-label cache, stage-2 inputs and inference):
+
+* logits over the vocabulary from a final hidden state ``h`` (after the final norm):
+  ``projection="input_embeddings"`` uses ``E h`` with E the (detached) input-embedding matrix, as the reference
+  code does; ``projection="lm_head"`` uses the LM head ``W h`` (the paper's notation). For tied embeddings the
+  two are identical. Phase 2 trains the student's LM head towards alpha, so with untied embeddings only
+  ``lm_head`` makes teacher and student speak about the same projection.
+* ``alpha = softmax(logits / temperature)`` over the full vocabulary, or over the top-k logits renormalised
+  (k >= 1); top-k alpha is held sparsely as (ids [.., k], probs [.., k]), full alpha densely (ids None).
+* ``Z = sum_j alpha_j E[id_j]``: no scaling, no normalisation. E is detached, so gradients reach only the
+  model that produced ``h``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SparseAlpha:
+    """alpha as ``probs`` [..., k] (fp32, summing to 1 over the last axis) over the vocabulary ids ``ids``
+    [..., k]; ``ids`` is None when alpha is dense over the whole vocabulary (k = V, id = index)."""
+
+    ids: torch.Tensor | None
+    probs: torch.Tensor
+
+
+def vocabulary_logits(hidden: torch.Tensor, projection_weight: torch.Tensor) -> torch.Tensor:
+    """Logits [..., V] from hidden states [..., d] and a projection matrix [V, d] (computed in fp32)."""
+    return hidden.float() @ projection_weight.detach().float().T
+
+
+def alpha_from_logits(logits: torch.Tensor, top_k: int | None, temperature: float = 1.0) -> SparseAlpha:
+    """alpha over the top ``top_k`` logits (renormalised) or, with ``top_k=None``, the full vocabulary.
+
+    logits: [..., V]  ->  SparseAlpha with ids/probs [..., k] (k = V when full), probs in fp32.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    scaled = logits.float() / temperature
+    if top_k is None:
+        return SparseAlpha(ids=None, probs=torch.softmax(scaled, dim=-1))
+    if not 0 < top_k <= scaled.shape[-1]:
+        raise ValueError(f"top_k must be in 1..{scaled.shape[-1]} (the vocabulary), got {top_k}")
+    values, ids = scaled.topk(top_k, dim=-1)
+    return SparseAlpha(ids=ids, probs=torch.softmax(values, dim=-1))
+
+
+def mix_embeddings(alpha: SparseAlpha, embeddings: torch.Tensor) -> torch.Tensor:
+    """Z [..., d] = sum_k probs[..., k] * E[ids[..., k]], with E [V, d] detached; Z in E's dtype."""
+    table = embeddings.detach()
+    if alpha.ids is None:
+        return (alpha.probs @ table.float()).to(table.dtype)
+    rows = table[alpha.ids].float()  # [..., k, d]
+    return (alpha.probs.unsqueeze(-1) * rows).sum(dim=-2).to(table.dtype)

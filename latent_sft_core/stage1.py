@@ -1,0 +1,186 @@
+"""The phase-1 stages: train_encoder, train_decoder, train_joint (LoRA trainings) and merge_lora.
+
+| stage          | encoder                              | decoder                              | writes            |
+|----------------|--------------------------------------|--------------------------------------|-------------------|
+| train_encoder  | base + new LoRA (with embed_tokens)  | base, frozen                         | encoder adapter   |
+| train_decoder  | base + encoder adapter, merged, frozen | base + new LoRA                    | decoder adapter   |
+| train_joint    | base + encoder adapter + new LoRA    | base + decoder adapter + new LoRA    | both adapters     |
+| merge_lora     | all adapters merged                  | all adapters merged                  | plain HF models   |
+
+Adapters are peft adapters (``<stage dir>/encoder``, ``<stage dir>/decoder``); merged models are plain Hugging
+Face checkpoints with the tokenizer (``models/stage1_merged/{encoder,decoder}``). Every training picks its
+best checkpoint by the validation split's L_sup (lowest wins), never by the test split.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+from latent_sft_core.chunking import read_chunked
+from latent_sft_core.config import LoraParams, Params
+from latent_sft_core.errors import ArtifactError, DataError
+from latent_sft_core.io import atomic_dir, write_json
+from latent_sft_core.modeling import load_pretrained_model, save_model
+from latent_sft_core.phase1 import Stage1Collator, Stage1Model, stage1_example
+from latent_sft_core.text import load_tokenizer, special_ids, tokenizer_fingerprint
+from latent_sft_core.training import (
+    SCRATCH_ROOT,
+    SequenceDataset,
+    TrainableStateTrainer,
+    dir_digest,
+    finish_scratch,
+    run_fingerprint,
+    run_training,
+    write_loss_curve,
+)
+
+log = logging.getLogger(__name__)
+
+Stage1Name = Literal["train_encoder", "train_decoder", "train_joint"]
+ENCODER = "encoder"
+DECODER = "decoder"
+
+
+@dataclass(frozen=True)
+class Stage1Inputs:
+    """Folders a phase-1 stage reads: the base model, the chunked data, and earlier stages' adapters."""
+
+    base_dir: Path
+    chunked_dir: Path
+    encoder_stage_dir: Path | None = None  # train_encoder's output (encoder adapter)
+    decoder_stage_dir: Path | None = None  # train_decoder's output (decoder adapter)
+
+
+def merged(model: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
+    """``model`` with the peft adapter in ``adapter_dir`` merged into its weights."""
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ArtifactError(f"{adapter_dir}: no peft adapter here (missing adapter_config.json)")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")  # see with_lora
+        return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+
+
+def with_lora(model: PreTrainedModel, lora: LoraParams, seed: int) -> PeftModel:
+    """``model`` wrapped with a new LoRA adapter, initialised from ``seed`` (reruns start identically)."""
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.targets), bias="none")
+    with warnings.catch_warnings():
+        # peft warns when an adapter covers embeddings tied to the LM head. Only the encoder adapts
+        # embed_tokens, and the encoder's LM head is never used: merging into the tied matrix is what we want.
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return get_peft_model(model, config)
+
+
+def frozen(model: PreTrainedModel) -> PreTrainedModel:
+    model.requires_grad_(False)
+    return model
+
+
+def _required(folder: Path | None, stage: str) -> Path:
+    if folder is None:
+        raise ArtifactError(f"{stage} needs the output of an earlier phase-1 stage")
+    return folder
+
+
+def stage1_models(params: Params, stage: Stage1Name, inputs: Stage1Inputs) -> tuple[PreTrainedModel, PreTrainedModel]:
+    """Encoder and decoder of a phase-1 stage, with new LoRA on what it trains and the rest frozen."""
+    section = getattr(params, stage)
+    encoder = load_pretrained_model(inputs.base_dir)
+    decoder = load_pretrained_model(inputs.base_dir)
+    if stage in ("train_decoder", "train_joint"):
+        encoder = merged(encoder, _required(inputs.encoder_stage_dir, stage) / ENCODER)
+    if stage == "train_joint":
+        decoder = merged(decoder, _required(inputs.decoder_stage_dir, stage) / DECODER)
+    seed = params.base.seed
+    encoder = with_lora(encoder, section.encoder_lora, seed) if section.encoder_lora else frozen(encoder)
+    decoder = with_lora(decoder, section.decoder_lora, seed + 1) if section.decoder_lora else frozen(decoder)
+    return encoder, decoder
+
+
+def _examples(params: Params, path: Path, tokenizer, limit: int | None, max_len: int):
+    ids = special_ids(tokenizer)
+    rows = read_chunked(path, params.base.compression_rate, tokenizer_fingerprint(tokenizer))[:limit]
+    examples = [stage1_example(row, ids) for row in rows]
+    for row, example in zip(rows, examples):
+        length = max(len(example.encoder.input_ids), len(example.decoder.input_ids))
+        if length > max_len:
+            raise DataError(f"{path}: row {row.id} has {length} tokens, more than train.max_seq_len={max_len}")
+    return examples
+
+
+def train_stage1(
+    params: Params,
+    stage: Stage1Name,
+    inputs: Stage1Inputs,
+    out_dir: Path,
+    metrics_path: Path,
+    loss_curve_path: Path,
+    scratch_dir: Path | None = None,
+) -> dict:
+    """Run one phase-1 training; write its adapter(s) to ``out_dir``, metrics and the loss curve."""
+    section = getattr(params, stage)
+    scratch_dir = scratch_dir or SCRATCH_ROOT / stage
+    tokenizer = load_tokenizer(inputs.base_dir)
+    chunked = Path(inputs.chunked_dir)
+    train = _examples(params, chunked / "train.parquet", tokenizer, section.max_train_rows, section.train.max_seq_len)
+    val = _examples(params, chunked / "val.parquet", tokenizer, section.max_eval_rows, section.train.max_seq_len)
+    if not val:
+        raise DataError(f"{chunked / 'val.parquet'}: the validation split is empty; phase 1 selects checkpoints on it")
+    encoder, decoder = stage1_models(params, stage, inputs)
+    model = Stage1Model(encoder, decoder, params.latent, params.base.top_k)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("%s: %d trainable parameters, %d train / %d validation rows", stage, trainable, len(train), len(val))
+
+    fingerprint = run_fingerprint(
+        stage=stage,
+        section=section.model_dump(mode="json"),
+        latent=params.latent.model_dump(mode="json"),
+        base=params.base.model_dump(mode="json", include={"seed", "compression_rate", "top_k"}),
+        inputs={name: dir_digest(folder) for name, folder in vars(inputs).items() if folder is not None},
+    )
+    result = run_training(
+        model, SequenceDataset(train), Stage1Collator(special_ids(tokenizer).pad), section.train, scratch_dir,
+        params.base.seed, fingerprint, trainer_cls=TrainableStateTrainer, eval_dataset=SequenceDataset(val),
+    )
+    with atomic_dir(out_dir) as tmp:
+        for name, part, lora in ((ENCODER, encoder, section.encoder_lora), (DECODER, decoder, section.decoder_lora)):
+            if lora is not None:
+                part.save_pretrained(str(tmp / name))
+    losses = result.losses()
+    metrics = {
+        "trainable_parameters": trainable,
+        "steps": result.global_step,
+        "train_seconds": round(result.seconds, 1),
+        "final_loss": losses[-1][1] if losses else None,
+        "best_step": result.best_checkpoint_step,
+        "best_val_loss": result.best_eval_loss,
+        "val_loss_by_step": {str(step): loss for step, loss in result.eval_losses()},
+    }
+    write_json(metrics_path, metrics)
+    write_loss_curve(loss_curve_path, result)
+    finish_scratch(scratch_dir)
+    return metrics
+
+
+def merge_stage1(base_dir: Path, encoder_stage_dir: Path, decoder_stage_dir: Path, joint_dir: Path, out_dir: Path) -> None:
+    """Merge every phase-1 adapter into plain Hugging Face encoder and decoder checkpoints (with tokenizer).
+
+    encoder = base + train_encoder's adapter + train_joint's encoder adapter; decoder likewise.
+    """
+    tokenizer = load_tokenizer(base_dir)
+    parts = {}
+    for name, stage_dir in ((ENCODER, encoder_stage_dir), (DECODER, decoder_stage_dir)):
+        parts[name] = merged(merged(load_pretrained_model(base_dir), Path(stage_dir) / name), Path(joint_dir) / name)
+    with atomic_dir(out_dir) as tmp:
+        for name, model in parts.items():
+            save_model(model, tokenizer, tmp / name)

@@ -1,0 +1,12 @@
+"""Stage train_joint: new LoRA on encoder and decoder, trained together."""
+
+import sys
+from functools import partial
+
+from latent_sft_core.stage import run_cli
+from tasks._stage1_cli import stage1_main
+
+main = partial(stage1_main, "train_joint", __doc__)
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,217 @@
+"""Phase 1 on the micro configuration: what trains, losses, best-on-validation, merge, resume, ablations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from latent_sft_core.chunking import read_chunked
+from latent_sft_core.config import LatentParams
+from latent_sft_core.errors import ArtifactError
+from latent_sft_core.masks import Role
+from latent_sft_core.modeling import load_pretrained_model
+from latent_sft_core.phase1 import (
+    Stage1Collator,
+    Stage1Model,
+    backbone,
+    embed_with_latents,
+    encode_latents,
+    stage1_example,
+)
+from latent_sft_core.stage1 import (
+    DECODER,
+    ENCODER,
+    Stage1Inputs,
+    merge_stage1,
+    merged,
+    stage1_models,
+    train_stage1,
+)
+from latent_sft_core.text import load_tokenizer, special_ids
+from latent_sft_core.training import SequenceDataset, TrainableStateTrainer, run_training
+
+pytestmark = pytest.mark.integration
+
+STAGES = ("train_encoder", "train_decoder", "train_joint")
+
+
+def inputs_for(root, stage: str) -> Stage1Inputs:
+    return Stage1Inputs(
+        base_dir=root / "base",
+        chunked_dir=root / "chunked",
+        encoder_stage_dir=root / "train_encoder" if stage != "train_encoder" else None,
+        decoder_stage_dir=root / "train_decoder" if stage == "train_joint" else None,
+    )
+
+
+@pytest.fixture(scope="module")
+def phase1_run(micro_run):
+    """The three phase-1 trainings and the merge, in order, on the micro configuration."""
+    root, params, _ = micro_run
+    metrics = {}
+    for stage in STAGES:
+        metrics[stage] = train_stage1(params, stage, inputs_for(root, stage), root / stage,
+                                      root / "metrics" / f"{stage}.json", root / "plots" / f"{stage}.csv",
+                                      scratch_dir=root / "scratch" / stage)
+    merge_stage1(root / "base", root / "train_encoder", root / "train_decoder", root / "train_joint", root / "merged")
+    return root, params, metrics
+
+
+def batch_of(root, params, rows=4):
+    tokenizer = load_tokenizer(root / "base")
+    chunked = read_chunked(root / "chunked" / "train.parquet", params.base.compression_rate)
+    with_latents = [row for row in chunked if row.num_chunks >= 2][:rows]
+    return Stage1Collator(special_ids(tokenizer).pad)([stage1_example(r, special_ids(tokenizer)) for r in with_latents])
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_writes_its_adapters_and_its_loss_goes_down(phase1_run, stage):
+    root, params, metrics = phase1_run
+    expected = {"train_encoder": {ENCODER}, "train_decoder": {DECODER}, "train_joint": {ENCODER, DECODER}}[stage]
+    assert {p.name for p in (root / stage).iterdir()} == expected
+    for name in expected:
+        assert (root / stage / name / "adapter_model.safetensors").is_file()
+    lines = (root / "plots" / f"{stage}.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert header[:2] == ["step", "loss"] and {"chunk_loss", "answer_loss"} <= set(header)
+    losses = [float(line.split(",")[1]) for line in lines[1:]]
+    assert losses[-1] < losses[0], f"{stage}: {losses}"
+    stage_metrics = metrics[stage]
+    assert json.loads((root / "metrics" / f"{stage}.json").read_text()) == stage_metrics
+    assert stage_metrics["steps"] == 12
+    val = {int(step): loss for step, loss in stage_metrics["val_loss_by_step"].items()}
+    assert set(val) == {6, 12}
+    assert stage_metrics["best_val_loss"] == min(val.values())
+    assert stage_metrics["best_step"] == min(val, key=val.get)
+    assert not (root / "scratch" / stage).exists()
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_gradient_reaches_only_what_the_stage_trains(phase1_run, stage, tmp_path):
+    root, params, _ = phase1_run
+    encoder, decoder = stage1_models(params, stage, inputs_for(root, stage))
+    model = Stage1Model(encoder, decoder, params.latent, params.base.top_k)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trains = {"train_encoder": ("encoder.",), "train_decoder": ("decoder.",), "train_joint": ("encoder.", "decoder.")}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name and name.startswith(trains[stage]) for name in trainable)
+
+    batch = batch_of(root, params)
+    model(**batch)["loss"].backward()
+    for name, parameter in model.named_parameters():
+        if name in trainable:
+            assert parameter.grad is not None, name
+        else:
+            assert parameter.grad is None, name
+    # the decoder's loss reaches the encoder through the soft embeddings Z
+    if "encoder." in trains[stage]:
+        assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("encoder.") and n in trainable)
+    model.zero_grad()
+
+    tokenizer = load_tokenizer(root / "base")
+    train = params.train_encoder.train.model_copy(update={"max_steps": 2, "save_steps": 100, "logging_steps": 1})
+    examples = [stage1_example(r, special_ids(tokenizer))
+                for r in read_chunked(root / "chunked" / "train.parquet")[:32]]
+    run_training(model, SequenceDataset(examples), Stage1Collator(special_ids(tokenizer).pad), train,
+                 tmp_path / "scratch", 0, "gradient-test", trainer_cls=TrainableStateTrainer)
+    for name, parameter in model.named_parameters():
+        if name in trainable:
+            continue
+        assert torch.equal(parameter.detach(), before[name]), f"frozen weight {name} changed"
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters() if n in trainable)
+
+
+def test_merged_checkpoints_load_with_plain_transformers_and_match_base_plus_adapters(phase1_run):
+    root, params, _ = phase1_run
+    ids = torch.tensor([[5, 9, 13, 7, special_ids(load_tokenizer(root / "base")).think_close]])
+    for name, stage_dir in ((DECODER, "train_decoder"), (ENCODER, "train_encoder")):
+        plain = AutoModelForCausalLM.from_pretrained(str(root / "merged" / name))
+        assert not list((root / "merged" / name).glob("adapter_*"))
+        with_adapter = PeftModel.from_pretrained(
+            merged(load_pretrained_model(root / "base"), root / stage_dir / name), str(root / "train_joint" / name)
+        )
+        with torch.no_grad():
+            if name == DECODER:
+                torch.testing.assert_close(plain(ids).logits, with_adapter(ids).logits, atol=1e-5, rtol=1e-4)
+            else:
+                torch.testing.assert_close(backbone(plain)(ids).last_hidden_state,
+                                           backbone(with_adapter)(ids).last_hidden_state, atol=1e-5, rtol=1e-4)
+        # the adapters changed something: the merged model is not the base model
+        base = load_pretrained_model(root / "base")
+        with torch.no_grad():
+            assert not torch.allclose(backbone(plain)(ids).last_hidden_state, backbone(base)(ids).last_hidden_state)
+
+
+def test_latent_slots_receive_the_encoder_latents_in_order(micro_run):
+    root, params, _ = micro_run
+    batch = batch_of(root, params, rows=3)
+    base = load_pretrained_model(root / "base")
+    for latent in (LatentParams(), LatentParams(kind="hidden_state"), LatentParams(full_vocab=True)):
+        encoded = encode_latents(base, base, latent, params.base.top_k, batch["encoder_input_ids"],
+                                 batch["encoder_roles"])
+        count = int((batch["encoder_roles"] == Role.LATENT).sum())
+        assert encoded.inputs.shape == (count, base.config.hidden_size)
+        embeds = embed_with_latents(base, batch["input_ids"], batch["roles"], encoded.inputs)
+        torch.testing.assert_close(embeds[batch["roles"] == Role.LATENT], encoded.inputs)
+        text = batch["roles"] != Role.LATENT
+        torch.testing.assert_close(embeds[text], base.get_input_embeddings()(batch["input_ids"])[text])
+        if latent.kind == "hidden_state":
+            assert encoded.alpha is None and torch.equal(encoded.inputs, encoded.hidden)
+        else:
+            k = base.config.vocab_size if latent.full_vocab else params.base.top_k
+            assert encoded.alpha.probs.shape == (count, k)
+            torch.testing.assert_close(encoded.alpha.probs.sum(-1), torch.ones(count))
+        loss = Stage1Model(base, base, latent, params.base.top_k)(**batch)["loss"]
+        assert torch.isfinite(loss)
+
+
+def test_latent_count_mismatch_is_refused(micro_run):
+    root, params, _ = micro_run
+    batch = batch_of(root, params, rows=2)
+    base = load_pretrained_model(root / "base")
+    with pytest.raises(ValueError, match="latent slots"):
+        embed_with_latents(base, batch["input_ids"], batch["roles"], torch.zeros(1, base.config.hidden_size))
+
+
+def test_killed_training_resumes_to_the_same_adapter(micro_run, tmp_path, monkeypatch):
+    root, params, _ = micro_run
+
+    class Killed(Exception):
+        pass
+
+    original = TrainableStateTrainer._save_checkpoint
+
+    def save_then_die(self, model, trial):
+        original(self, model, trial)
+        if self.state.global_step == 6:
+            raise Killed
+
+    def run(out, scratch):
+        return train_stage1(params, "train_encoder", inputs_for(root, "train_encoder"), out, tmp_path / "m.json",
+                            tmp_path / "l.csv", scratch_dir=scratch)
+
+    run(tmp_path / "straight", tmp_path / "scratch_straight")
+    monkeypatch.setattr(TrainableStateTrainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        run(tmp_path / "resumed", tmp_path / "scratch_resumed")
+    assert (tmp_path / "scratch_resumed" / "checkpoint-6").is_dir() and not (tmp_path / "resumed").exists()
+    monkeypatch.setattr(TrainableStateTrainer, "_save_checkpoint", original)
+    metrics = run(tmp_path / "resumed", tmp_path / "scratch_resumed")
+    assert metrics["steps"] == 12
+    straight = load_file(tmp_path / "straight" / ENCODER / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / ENCODER / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_missing_adapter_is_a_clear_error(micro_run, tmp_path):
+    root, params, _ = micro_run
+    inputs = Stage1Inputs(root / "base", root / "chunked", encoder_stage_dir=tmp_path / "nothing")
+    with pytest.raises(ArtifactError, match="no peft adapter here"):
+        stage1_models(params, "train_decoder", inputs)
