@@ -2,7 +2,9 @@
 
 from pathlib import Path
 
+from latent_sft_core.chunking import ChunkedRow, chunk_bounds
 from latent_sft_core.config import DEFAULT_LORA_TARGETS, ENCODER_LORA
+from latent_sft_core.text import SpecialIds
 
 LORA_TARGETS = {"encoder": ENCODER_LORA.targets, "decoder": DEFAULT_LORA_TARGETS}
 
@@ -55,3 +57,14 @@ def micro_params_file_content() -> dict:
     import yaml
 
     return deep_merge(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), MICRO_PARAMS)
+
+
+SPECIAL_IDS = SpecialIds(think_open=2, think_close=3, latent=4, pad=0, end=1)
+
+
+def chunked_row(cot, c=2, prompt=(10, 11), answer=(30,), row_id="r", alt=()) -> ChunkedRow:
+    """A hand-made chunked row: ``cot`` ids cut into chunks of ``c`` (question "q", gold answer "7")."""
+    return ChunkedRow(
+        id=row_id, question="q", answer="7", prompt_ids=list(prompt), cot_ids=list(cot), answer_ids=list(answer),
+        chunk_bounds=chunk_bounds(len(cot), c), alt_cot_ids=[list(a) for a in alt],
+    )

@@ -20,7 +20,6 @@ from latent_sft_core.data.synthetic import SPLITS, generate_synthetic
 from latent_sft_core.errors import DataError
 from latent_sft_core.stage import run_cli
 from tasks.prepare_data import main as stage_main
-
 from tests.support import GSM8K_AUG_TEST as REAL_TEST_TXT
 
 pytestmark = pytest.mark.integration

@@ -1,18 +1,19 @@
 import math
+from functools import partial
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from latent_sft_core.chunking import ChunkedRow, chunk_bounds, read_chunked, rows_to_table, split_stats
+from latent_sft_core.chunking import chunk_bounds, read_chunked, rows_to_table, split_stats
 from latent_sft_core.errors import ArtifactError
 from latent_sft_core.layout import IGNORE_INDEX, cot_sft_sequence, labels_from_roles, pad_sequences
 from latent_sft_core.masks import Role
-from latent_sft_core.text import SpecialIds
+from tests.support import SPECIAL_IDS, chunked_row
 
 pytestmark = pytest.mark.unit
 
-IDS = SpecialIds(think_open=2, think_close=3, latent=4, pad=0, end=1)
+IDS = SPECIAL_IDS
 
 
 @pytest.mark.parametrize(
@@ -40,11 +41,7 @@ def test_chunk_bounds_rejects_bad_arguments():
         chunk_bounds(-1, 2)
 
 
-def make_row(cot, c=2, row_id="r1", alt=()):
-    return ChunkedRow(
-        id=row_id, question="q", answer="7", prompt_ids=[10, 11], cot_ids=list(cot), answer_ids=[12],
-        chunk_bounds=chunk_bounds(len(cot), c), alt_cot_ids=[list(a) for a in alt],
-    )
+make_row = partial(chunked_row, answer=(12,), row_id="r1")
 
 
 def test_chunks_cover_the_chain_in_order():

@@ -1,9 +1,9 @@
 import random
+from functools import partial
 
 import pytest
 import torch
 
-from latent_sft_core.chunking import ChunkedRow, chunk_bounds
 from latent_sft_core.layout import (
     IGNORE_INDEX,
     TokenSequence,
@@ -16,20 +16,16 @@ from latent_sft_core.layout import (
     stage2_sequence,
 )
 from latent_sft_core.masks import Role
-from latent_sft_core.text import SpecialIds
+from tests.support import SPECIAL_IDS, chunked_row
 
 pytestmark = pytest.mark.unit
 
-IDS = SpecialIds(think_open=2, think_close=3, latent=4, pad=0, end=1)
+IDS = SPECIAL_IDS
 P, C, L, A, PAD = Role.PROMPT, Role.CHUNK, Role.LATENT, Role.ANSWER, Role.PAD
 I = IGNORE_INDEX
 
 
-def make_row(cot, c=2, prompt=(10, 11, 12), answer=(30, 31)):
-    return ChunkedRow(
-        id="r", question="q", answer="7", prompt_ids=list(prompt), cot_ids=list(cot), answer_ids=list(answer),
-        chunk_bounds=chunk_bounds(len(cot), c), alt_cot_ids=[],
-    )
+make_row = partial(chunked_row, prompt=(10, 11, 12), answer=(30, 31))
 
 
 # N = 3 with c = 2 and a short last chunk: S_1 = [20, 21], S_2 = [22, 23], S_3 = [24].

@@ -2,7 +2,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from latent_sft_core.chunking import ChunkedRow, chunk_bounds
 from latent_sft_core.layout import (
     decoder_sequence,
     encoder_sequence,
@@ -11,19 +10,15 @@ from latent_sft_core.layout import (
     stage2_sequence,
 )
 from latent_sft_core.masks import Role, attention_bias, decoder_mask, encoder_mask
-from latent_sft_core.text import SpecialIds
+from tests.support import SPECIAL_IDS, chunked_row
 
 pytestmark = pytest.mark.unit
 
-IDS = SpecialIds(think_open=2, think_close=3, latent=4, pad=0, end=1)
+IDS = SPECIAL_IDS
 VOCAB = 48
 
 
-def make_row(cot, c=2, prompt=(10, 11), answer=(30,)):
-    return ChunkedRow(
-        id="r", question="q", answer="7", prompt_ids=list(prompt), cot_ids=list(cot), answer_ids=list(answer),
-        chunk_bounds=chunk_bounds(len(cot), c), alt_cot_ids=[],
-    )
+make_row = chunked_row
 
 
 # Prompt of 2 tokens + <think>, N = 3 chunks of c = 2 with a short last one (S_3 = [24]), answer [30] + end.

@@ -14,7 +14,6 @@ from latent_sft_core.config import FieldNames
 from latent_sft_core.data.readers import RowError, read_gsm8k_aug_txt, read_jsonl
 from latent_sft_core.data.schema import RAW_SCHEMA, Example, read_examples, write_examples
 from latent_sft_core.errors import DataError
-
 from tests.support import GSM8K_AUG_TEST as REAL_TEST_TXT
 
 pytestmark = pytest.mark.unit
