@@ -7,6 +7,8 @@ VENV_FLAGS ?=
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
+# DVC runs each stage as `python -m tasks.<stage>`: that python must be the environment's
+export PATH := $(abspath $(BIN)):$(PATH)
 
 # Offline by default: nothing downloads weights or data at run time; no analytics.
 export HF_HUB_OFFLINE ?= 1

@@ -40,3 +40,48 @@ def supervision_loss(logits: torch.Tensor, labels: torch.Tensor, roles: torch.Te
         "chunk_loss": masked_mean(nll, supervised & (roles == Role.CHUNK)).detach(),
         "answer_loss": masked_mean(nll, supervised & (roles == Role.ANSWER)).detach(),
     }
+
+
+def latent_kl(
+    logits: torch.Tensor, slot_mask: torch.Tensor, teacher_ids: torch.Tensor | None, teacher_probs: torch.Tensor
+) -> torch.Tensor:
+    """KL(teacher || student) at the latent slots of stage 2, mean over latents per sample, mean over samples.
+
+    logits [B, T, V]: the student's; slot_mask [B, T] bool: the LATENT positions (M of them in the batch);
+    teacher_ids [M, k] (None: dense over the vocabulary, k = V) and teacher_probs [M, k], in the order of
+    ``slot_mask`` (sample by sample, slot by slot). The student's distribution for latent j is the full-vocabulary
+    softmax at the position *before* slot j (that position predicts Z_j, as in the reference):
+    ``KL = sum_k q_k (log q_k - log p_student[id_k])``, with 0 log 0 = 0. Samples without latents are left out
+    of the mean; a batch without any latent gives 0 (with a gradient path).
+    """
+    predicting = torch.zeros_like(slot_mask)
+    predicting[:, :-1] = slot_mask[:, 1:]
+    student = torch.log_softmax(logits[predicting].float(), dim=-1)  # [M, V]
+    student_at = student if teacher_ids is None else student.gather(-1, teacher_ids)
+    q = teacher_probs.float()
+    per_latent = (torch.xlogy(q, q) - q * student_at).sum(-1)  # [M]
+    sample_of_latent = torch.arange(slot_mask.shape[0], device=logits.device)[:, None].expand_as(slot_mask)[slot_mask]
+    counts = slot_mask.sum(1)
+    per_sample = torch.zeros(slot_mask.shape[0], device=logits.device).index_add(0, sample_of_latent, per_latent)
+    with_latents = counts > 0
+    return masked_mean(per_sample / counts.clamp(min=1), with_latents)
+
+
+def stage2_losses(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    roles: torch.Tensor,
+    teacher_ids: torch.Tensor | None,
+    teacher_probs: torch.Tensor,
+    ce_weight: float,
+    kl_weight: float,
+) -> dict[str, torch.Tensor]:
+    """Stage 2: ``loss = ce_weight * CE + kl_weight * KL`` with both components (detached) for logging.
+
+    CE is the token mean NLL of the ANSWER side (``</think>``, answer, end); KL is ``latent_kl`` at the LATENT
+    slots. Shapes as in ``supervision_loss`` and ``latent_kl``.
+    """
+    nll = token_nll(logits, labels)
+    ce = masked_mean(nll, labels != IGNORE_INDEX)
+    kl = latent_kl(logits, roles == Role.LATENT, teacher_ids, teacher_probs)
+    return {"loss": ce_weight * ce + kl_weight * kl, "ce_loss": ce.detach(), "kl_loss": kl.detach()}

@@ -57,3 +57,19 @@ def mix_embeddings(alpha: SparseAlpha, embeddings: torch.Tensor) -> torch.Tensor
         return (alpha.probs @ table.float()).to(table.dtype)
     rows = table[alpha.ids].float()  # [..., k, d]
     return (alpha.probs.unsqueeze(-1) * rows).sum(dim=-2).to(table.dtype)
+
+
+def gumbel_perturb(
+    probs: torch.Tensor, scale: float, tau: float, clamp: tuple[float, float], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The one Gumbel perturbation of a (top-k) distribution, used wherever noise is applied.
+
+    ``p~ = softmax((log p + g) / tau)`` over the same support, with ``g = clamp(scale * G, *clamp)`` and G
+    standard Gumbel noise, one draw per entry. probs [..., k] -> [..., k] (fp32). ``scale = 0`` and ``tau = 1``
+    give ``p`` back. Zero-probability entries stay at zero.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    uniform = torch.rand(probs.shape, generator=generator, device=probs.device).clamp_(min=1e-10, max=1 - 1e-7)
+    noise = (-torch.log(-torch.log(uniform)) * scale).clamp(*clamp)
+    return torch.softmax((torch.log(probs.float()) + noise) / tau, dim=-1)

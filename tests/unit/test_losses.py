@@ -1,0 +1,101 @@
+import math
+
+import pytest
+import torch
+
+from latent_sft_core.layout import IGNORE_INDEX
+from latent_sft_core.losses import latent_kl, stage2_losses, supervision_loss, token_nll
+from latent_sft_core.masks import Role
+from latent_sft_core.soft_embedding import gumbel_perturb
+
+pytestmark = pytest.mark.unit
+I = IGNORE_INDEX
+
+
+def test_token_nll_is_shifted_and_ignores_unlabelled_positions():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
+    labels = torch.tensor([[I, 1, I]])
+    nll = token_nll(logits, labels)
+    # label 1 at position 1 is predicted by position 0: -log 0.25
+    torch.testing.assert_close(nll, torch.tensor([[0.0, math.log(4), 0.0]]))
+
+
+def test_supervision_loss_is_the_token_mean_with_components():
+    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75], [0.5, 0.5], [0.9, 0.1]]]))
+    labels = torch.tensor([[I, 0, 1, 0]])
+    roles = torch.tensor([[Role.PROMPT, Role.CHUNK, Role.CHUNK, Role.ANSWER]])
+    out = supervision_loss(logits, labels, roles)
+    chunk = [math.log(2), -math.log(0.75)]
+    answer = [math.log(2)]
+    torch.testing.assert_close(out["loss"], torch.tensor(sum(chunk + answer) / 3))
+    torch.testing.assert_close(out["chunk_loss"], torch.tensor(sum(chunk) / 2))
+    torch.testing.assert_close(out["answer_loss"], torch.tensor(answer[0]))
+
+
+def kl(q, p):
+    return sum(qi * (math.log(qi) - math.log(pi)) for qi, pi in zip(q, p) if qi > 0)
+
+
+def test_latent_kl_against_hand_computed_values():
+    # sample 0: slots at 2 and 3 (predicted from 1 and 2); sample 1: one slot at 1 (predicted from 0)
+    student = torch.tensor([
+        [[0.7, 0.1, 0.1, 0.1], [0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4]],
+        [[0.1, 0.1, 0.1, 0.7], [0.25, 0.25, 0.25, 0.25], [0.25, 0.25, 0.25, 0.25], [0.25, 0.25, 0.25, 0.25]],
+    ])
+    slots = torch.tensor([[False, False, True, True], [False, True, False, False]])
+    ids = torch.tensor([[0, 1], [2, 3], [3, 0]])
+    probs = torch.tensor([[0.6, 0.4], [1.0, 0.0], [0.5, 0.5]])
+    value = latent_kl(torch.log(student), slots, ids, probs)
+    sample0 = (kl([0.6, 0.4], [0.4, 0.3]) + kl([1.0], [0.25])) / 2
+    sample1 = kl([0.5, 0.5], [0.7, 0.1])
+    torch.testing.assert_close(value, torch.tensor((sample0 + sample1) / 2))
+
+
+def test_latent_kl_dense_teacher_and_no_latents():
+    student = torch.log(torch.tensor([[[0.5, 0.5], [0.2, 0.8]]]))
+    slots = torch.tensor([[False, True]])
+    torch.testing.assert_close(latent_kl(student, slots, None, torch.tensor([[0.5, 0.5]])), torch.tensor(0.0))
+    torch.testing.assert_close(latent_kl(student, slots, None, torch.tensor([[0.9, 0.1]])),
+                               torch.tensor(kl([0.9, 0.1], [0.5, 0.5])))
+    none = latent_kl(student, torch.zeros_like(slots), None, torch.zeros(0, 2))
+    assert none.item() == 0.0
+
+
+def test_stage2_losses_weights_and_gradient():
+    logits = torch.randn(2, 5, 6, requires_grad=True)
+    roles = torch.tensor([[Role.PROMPT, Role.PROMPT, Role.LATENT, Role.ANSWER, Role.ANSWER],
+                          [Role.PROMPT, Role.PROMPT, Role.ANSWER, Role.ANSWER, Role.PAD]])
+    labels = torch.tensor([[I, I, I, 3, 1], [I, I, 3, 1, I]])
+    ids, probs = torch.tensor([[4, 5]]), torch.tensor([[0.7, 0.3]])
+    out = stage2_losses(logits, labels, roles, ids, probs, ce_weight=0.5, kl_weight=2.0)
+    torch.testing.assert_close(out["loss"], 0.5 * out["ce_loss"] + 2.0 * out["kl_loss"])
+    expected_ce = token_nll(logits, labels).sum() / 4
+    torch.testing.assert_close(out["ce_loss"], expected_ce.detach())
+    out["loss"].backward()
+    assert logits.grad[0, 1].abs().sum() > 0  # the position before the latent slot receives the KL gradient
+
+
+def test_gumbel_is_identity_without_noise_and_keeps_support():
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0]])
+    torch.testing.assert_close(gumbel_perturb(probs, scale=0.0, tau=1.0, clamp=(-1.5, 3.0)), probs)
+    noisy = gumbel_perturb(probs.expand(1000, 4), scale=1.0, tau=1.0, clamp=(-1.5, 3.0),
+                           generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(noisy.sum(-1), torch.ones(1000))
+    assert (noisy[:, 3] == 0).all() and (noisy[:, :3] > 0).all()
+    assert not torch.allclose(noisy[0], noisy[1])
+
+
+def test_gumbel_max_of_the_perturbed_distribution_samples_the_original():
+    """With unclamped noise, argmax(log p + g) is a sample of p (the Gumbel-max trick)."""
+    probs = torch.tensor([0.6, 0.3, 0.1]).expand(20000, 3)
+    noisy = gumbel_perturb(probs, scale=1.0, tau=1.0, clamp=(-100.0, 100.0), generator=torch.Generator().manual_seed(1))
+    frequencies = torch.bincount(noisy.argmax(-1), minlength=3).float() / 20000
+    torch.testing.assert_close(frequencies, torch.tensor([0.6, 0.3, 0.1]), atol=0.015, rtol=0)
+    # a lower temperature sharpens: the top entry gains mass on average
+    sharp = gumbel_perturb(probs, scale=1.0, tau=0.5, clamp=(-100.0, 100.0), generator=torch.Generator().manual_seed(1))
+    assert sharp[:, 0].mean() > noisy[:, 0].mean()
+
+
+def test_gumbel_rejects_bad_tau():
+    with pytest.raises(ValueError, match="tau"):
+        gumbel_perturb(torch.tensor([[1.0]]), scale=1.0, tau=0.0, clamp=(-1.5, 3.0))
