@@ -256,6 +256,66 @@ class Stage1Params(Strict):
 ENCODER_LORA = LoraParams(targets=(*DEFAULT_LORA_TARGETS, "embed_tokens"))  # embed_tokens: the new latent row
 
 
+# ---------------------------------------------------------------------------------------------- phase 2
+
+
+class CacheSoftLabelsParams(Strict):
+    splits: tuple[str, ...] = Field(default=("train", "val"), min_length=1, description="chunked splits to cache")
+    batch_size: int = Field(default=128, ge=1)
+    prob_dtype: Literal["float16", "float32"] = "float16"
+    row_group_rows: int = Field(default=256, ge=1, description="small groups keep shuffled reads cheap")
+    max_rows: int | None = Field(default=20000, ge=1, description="first rows of each split")
+
+
+class GumbelParams(Strict):
+    """Teacher noise ``p~ = softmax((log alpha + clamp(scale * G)) / tau)`` (soft_embedding.gumbel_perturb)."""
+
+    enabled: bool = False
+    scale: float = Field(default=1.0, ge=0)
+    tau: float = Field(default=1.0, gt=0)
+    clamp_min: float = -1.5
+    clamp_max: float = 3.0
+
+    @model_validator(mode="after")
+    def _clamp_order(self) -> GumbelParams:
+        if self.clamp_min >= self.clamp_max:
+            raise ValueError("clamp_min must be < clamp_max")
+        return self
+
+
+class DeepSpeedParams(Strict):
+    """DeepSpeed ZeRO for stage 2 (see latent_sft_core/deepspeed_config.py for the config it builds)."""
+
+    enabled: bool = True
+    zero_stage: Literal[2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = Field(default=False, description="ZeRO-3 only")
+    bf16: bool = Field(default=False, description="bf16 mixed precision (GPU); CPU runs in fp32")
+
+    @model_validator(mode="after")
+    def _offload_params_needs_zero3(self) -> DeepSpeedParams:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        return self
+
+
+class TrainLatentParams(Strict):
+    """Stage 2: the LLM learns to produce the latents itself (KL on latent slots, CE on the answer)."""
+
+    finetune: Literal["lora", "full"] = "lora"
+    lora: LoraParams = LoraParams()
+    train: TrainParams = TrainParams(epochs=1.0, lr=1e-3, save_steps=100, logging_steps=20)
+    ce_weight: float = Field(default=1.0, ge=0)
+    kl_weight: float = Field(default=1.0, ge=0)
+    loss_schedule: Literal["sum", "alternate"] = Field(
+        default="sum", description="alternate: KL-only, CE-only and joint steps in turn (the paper's schedule)"
+    )
+    gumbel: GumbelParams = GumbelParams()
+    deepspeed: DeepSpeedParams = DeepSpeedParams()
+    max_train_rows: int | None = Field(default=20000, ge=1)
+    max_eval_rows: int = Field(default=256, ge=1)
+
+
 # ------------------------------------------------------------------------------------------- the file
 
 
@@ -268,6 +328,8 @@ class Params(Strict):
     train_encoder: Stage1Params = Stage1Params(encoder_lora=ENCODER_LORA)
     train_decoder: Stage1Params = Stage1Params(decoder_lora=LoraParams())
     train_joint: Stage1Params = Stage1Params(encoder_lora=ENCODER_LORA, decoder_lora=LoraParams())
+    cache_soft_labels: CacheSoftLabelsParams = CacheSoftLabelsParams()
+    train_latent: TrainLatentParams = TrainLatentParams()
 
     @model_validator(mode="after")
     def _phase1_sections_train_their_models(self) -> Params:

@@ -50,13 +50,18 @@ def alpha_from_logits(logits: torch.Tensor, top_k: int | None, temperature: floa
     return SparseAlpha(ids=ids, probs=torch.softmax(values, dim=-1))
 
 
-def mix_embeddings(alpha: SparseAlpha, embeddings: torch.Tensor) -> torch.Tensor:
-    """Z [..., d] = sum_k probs[..., k] * E[ids[..., k]], with E [V, d] detached; Z in E's dtype."""
-    table = embeddings.detach()
+def mix_embeddings(alpha: SparseAlpha, embeddings: torch.Tensor | torch.nn.Embedding) -> torch.Tensor:
+    """Z [..., d] = sum_k probs[..., k] * E[ids[..., k]], with E [V, d] detached; Z in E's dtype.
+
+    ``embeddings`` is the matrix or the embedding module itself; with the module, rows are looked up by calling
+    it, which also works when DeepSpeed ZeRO-3 partitions its weight (its forward hook gathers the rows).
+    """
     if alpha.ids is None:
-        return (alpha.probs @ table.float()).to(table.dtype)
-    rows = table[alpha.ids].float()  # [..., k, d]
-    return (alpha.probs.unsqueeze(-1) * rows).sum(dim=-2).to(table.dtype)
+        table = embeddings.weight if isinstance(embeddings, torch.nn.Module) else embeddings
+        return (alpha.probs @ table.detach().float()).to(table.dtype)
+    rows = embeddings(alpha.ids) if isinstance(embeddings, torch.nn.Module) else embeddings[alpha.ids]
+    rows = rows.detach()  # [..., k, d]
+    return (alpha.probs.unsqueeze(-1) * rows.float()).sum(dim=-2).to(rows.dtype)
 
 
 def gumbel_perturb(

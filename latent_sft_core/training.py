@@ -14,7 +14,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -148,13 +148,11 @@ def training_arguments(train: TrainParams, output_dir: Path, seed: int, **overri
 TRAINABLE_WEIGHTS = "trainable.safetensors"
 
 
-class TrainableStateTrainer(Trainer):
-    """A Trainer for a module of several models, most of them frozen.
+class ComponentLoggingTrainer(Trainer):
+    """A Trainer for modules whose forward returns a dict: ``loss`` plus detached components (``*_loss``).
 
-    Checkpoints hold only the trainable parameters (the LoRA weights), beside the optimizer, scheduler and
-    RNG state, so a resume checkpoint of a 1B model is megabytes, not gigabytes. The module's forward returns a
-    dict with ``loss`` and detached components (``*_loss``), which are averaged over each logging interval
-    and logged beside the loss.
+    The components are averaged over each logging interval and logged beside the loss. Subclasses change how
+    the outputs are computed by overriding ``loss_outputs``.
     """
 
     def __init__(self, *args, **kwargs):
@@ -162,8 +160,11 @@ class TrainableStateTrainer(Trainer):
         self._component_sums: dict[str, float] = {}
         self._component_count = 0
 
+    def loss_outputs(self, model, inputs) -> dict[str, torch.Tensor]:
+        return model(**inputs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
+        outputs = self.loss_outputs(model, inputs)
         if model.training:
             for name, value in outputs.items():
                 if name != "loss":
@@ -176,6 +177,14 @@ class TrainableStateTrainer(Trainer):
             logs |= {name: round(total / self._component_count, 6) for name, total in self._component_sums.items()}
             self._component_sums, self._component_count = {}, 0
         super().log(logs, start_time)
+
+
+class TrainableStateTrainer(ComponentLoggingTrainer):
+    """A Trainer for a module of several models, most of them frozen.
+
+    Checkpoints hold only the trainable parameters (the LoRA weights), beside the optimizer, scheduler and
+    RNG state, so a resume checkpoint of a 1B model is megabytes, not gigabytes.
+    """
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         folder = Path(output_dir or self.args.output_dir)
@@ -210,6 +219,7 @@ class TrainResult:
 
     best_checkpoint_step: int | None = None
     best_eval_loss: float | None = None
+    trainer: Trainer | None = field(default=None, repr=False)  # the finished trainer (saving, rank checks)
 
     def losses(self) -> list[tuple[int, float]]:
         return [(entry["step"], entry["loss"]) for entry in self.log_history if "loss" in entry]
@@ -234,7 +244,7 @@ def run_training(
     scratch_dir: Path,
     seed: int,
     fingerprint: str,
-    trainer_cls: type[Trainer] = Trainer,
+    trainer_cls: Callable[..., Trainer] = Trainer,
     eval_dataset: torch.utils.data.Dataset | None = None,
     **argument_overrides: object,
 ) -> TrainResult:
@@ -268,6 +278,7 @@ def run_training(
         trainer.state.global_step,
         best_checkpoint_step=int(best.rsplit("-", 1)[1]) if best else None,
         best_eval_loss=trainer.state.best_metric,
+        trainer=trainer,
     )
 
 

@@ -33,3 +33,22 @@ def micro_run(tmp_path_factory):
         root / "plots" / "loss.csv", scratch_dir=root / "scratch",
     )
     return root, params, metrics
+
+
+@pytest.fixture(scope="session")
+def phase1_run(micro_run):
+    """The three phase-1 trainings and the merge, in order, on the micro configuration.
+
+    Returns (root, params, metrics per stage); adds train_encoder/, train_decoder/, train_joint/, merged/.
+    """
+    from latent_sft_core.stage1 import merge_stage1, train_stage1
+    from tests.support import STAGE1_STAGES, stage1_inputs
+
+    root, params, _ = micro_run
+    metrics = {}
+    for stage in STAGE1_STAGES:
+        metrics[stage] = train_stage1(params, stage, stage1_inputs(root, stage), root / stage,
+                                      root / "metrics" / f"{stage}.json", root / "plots" / f"{stage}.csv",
+                                      scratch_dir=root / "scratch" / stage)
+    merge_stage1(root / "base", root / "train_encoder", root / "train_decoder", root / "train_joint", root / "merged")
+    return root, params, metrics

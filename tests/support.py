@@ -41,6 +41,13 @@ MICRO_PARAMS: dict = {
             ("train_joint", ("encoder", "decoder")),
         )
     },
+    "cache_soft_labels": {"batch_size": 32, "row_group_rows": 64, "max_rows": None},
+    "train_latent": {
+        "lora": {"rank": 4, "alpha": 8},
+        "train": {"max_steps": 12, "batch_size": 16, "lr": 0.01, "save_steps": 6, "logging_steps": 2},
+        "max_train_rows": 192,
+        "max_eval_rows": 16,
+    },
 }
 
 
@@ -67,4 +74,19 @@ def chunked_row(cot, c=2, prompt=(10, 11), answer=(30,), row_id="r", alt=()) -> 
     return ChunkedRow(
         id=row_id, question="q", answer="7", prompt_ids=list(prompt), cot_ids=list(cot), answer_ids=list(answer),
         chunk_bounds=chunk_bounds(len(cot), c), alt_cot_ids=[list(a) for a in alt],
+    )
+
+
+STAGE1_STAGES = ("train_encoder", "train_decoder", "train_joint")
+
+
+def stage1_inputs(root: Path, stage: str):
+    """The inputs of a phase-1 stage inside a micro-run folder (earlier stages' outputs named by stage)."""
+    from latent_sft_core.stage1 import Stage1Inputs
+
+    return Stage1Inputs(
+        base_dir=root / "base",
+        chunked_dir=root / "chunked",
+        encoder_stage_dir=root / "train_encoder" if stage != "train_encoder" else None,
+        decoder_stage_dir=root / "train_decoder" if stage == "train_joint" else None,
     )

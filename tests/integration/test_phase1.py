@@ -23,43 +23,13 @@ from latent_sft_core.phase1 import (
     encode_latents,
     stage1_example,
 )
-from latent_sft_core.stage1 import (
-    DECODER,
-    ENCODER,
-    Stage1Inputs,
-    merge_stage1,
-    merged,
-    stage1_models,
-    train_stage1,
-)
+from latent_sft_core.stage1 import DECODER, ENCODER, Stage1Inputs, merged, stage1_models, train_stage1
 from latent_sft_core.text import load_tokenizer, special_ids
 from latent_sft_core.training import SequenceDataset, TrainableStateTrainer, run_training
+from tests.support import STAGE1_STAGES as STAGES
+from tests.support import stage1_inputs as inputs_for
 
 pytestmark = pytest.mark.integration
-
-STAGES = ("train_encoder", "train_decoder", "train_joint")
-
-
-def inputs_for(root, stage: str) -> Stage1Inputs:
-    return Stage1Inputs(
-        base_dir=root / "base",
-        chunked_dir=root / "chunked",
-        encoder_stage_dir=root / "train_encoder" if stage != "train_encoder" else None,
-        decoder_stage_dir=root / "train_decoder" if stage == "train_joint" else None,
-    )
-
-
-@pytest.fixture(scope="module")
-def phase1_run(micro_run):
-    """The three phase-1 trainings and the merge, in order, on the micro configuration."""
-    root, params, _ = micro_run
-    metrics = {}
-    for stage in STAGES:
-        metrics[stage] = train_stage1(params, stage, inputs_for(root, stage), root / stage,
-                                      root / "metrics" / f"{stage}.json", root / "plots" / f"{stage}.csv",
-                                      scratch_dir=root / "scratch" / stage)
-    merge_stage1(root / "base", root / "train_encoder", root / "train_decoder", root / "train_joint", root / "merged")
-    return root, params, metrics
 
 
 def batch_of(root, params, rows=4):

@@ -52,7 +52,9 @@ def test_repro_runs_every_stage_then_nothing(project):
     assert ran_stages(dvc(project, "repro")) == stages
     for out in (paths.RAW_DIR / "train.parquet", paths.TOKENIZER_DIR / "tokenizer.json",
                 paths.CHUNKED_DIR / "test.parquet", paths.BASE_MODEL_DIR / "model.safetensors",
-                paths.METRICS_DIR / "chunk.json", paths.METRICS_DIR / "base_model.json"):
+                paths.METRICS_DIR / "chunk.json", paths.METRICS_DIR / "base_model.json",
+                paths.STAGE1_MERGED_DIR / "decoder" / "model.safetensors", paths.SOFT_LABELS_DIR / "train.parquet",
+                paths.LATENT_MODEL_DIR / "model.safetensors", paths.METRICS_DIR / "train_latent.json"):
         assert (project / out).is_file(), out
     second = dvc(project, "repro")
     assert ran_stages(second) == set()
@@ -62,19 +64,20 @@ def test_repro_runs_every_stage_then_nothing(project):
 
 
 PHASE1 = {"train_encoder", "train_decoder", "train_joint", "merge_lora"}
+PHASE2 = {"cache_soft_labels", "train_latent"}
 
 
 def test_param_change_reruns_only_downstream(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train_latent"]["kl_weight"] = 0.5
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    assert ran_stages(dvc(project, "repro")) == {"train_latent"}
     params["train_joint"]["train"]["lr"] = 0.02
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    assert ran_stages(dvc(project, "repro")) == {"train_joint", "merge_lora"}
-    params["base_model"]["train"]["lr"] = 0.002
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    assert ran_stages(dvc(project, "repro")) == {"base_model"} | PHASE1
+    assert ran_stages(dvc(project, "repro")) == {"train_joint", "merge_lora"} | PHASE2
     params["base"]["compression_rate"] = 3  # chunking depends on c; the CoT-SFT base model does not
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    assert ran_stages(dvc(project, "repro")) == {"chunk"} | PHASE1
+    assert ran_stages(dvc(project, "repro")) == {"chunk"} | PHASE1 | PHASE2
 
 
 def test_single_stage_rerun(project):

@@ -58,3 +58,12 @@ def test_vocabulary_logits_equal_a_dot_with_each_row():
     logits = vocabulary_logits(hidden, table)
     assert logits.shape == (2, 5)
     torch.testing.assert_close(logits[1, 4], (hidden[1] * table[4]).sum())
+
+
+def test_mixing_through_the_embedding_module_equals_mixing_the_matrix():
+    module = torch.nn.Embedding(6, 3)
+    alpha = alpha_from_logits(torch.randn(2, 4, 6), top_k=3)
+    torch.testing.assert_close(mix_embeddings(alpha, module), mix_embeddings(alpha, module.weight))
+    dense = alpha_from_logits(torch.randn(2, 6), top_k=None)
+    torch.testing.assert_close(mix_embeddings(dense, module), mix_embeddings(dense, module.weight))
+    assert not mix_embeddings(alpha, module).requires_grad  # E is detached

@@ -1,0 +1,84 @@
+"""The cache_soft_labels stage: the merged encoder's alpha for every latent of every row, as Parquet.
+
+One packed encoder forward (induction mask) per batch; the top-k (or full) alpha at the LATENT positions is
+streamed into ``data/soft_labels/{split}.parquet`` (schema: ``latent_sft_core/soft_labels.py``). The file
+metadata names c, k, the alpha settings and fingerprints of the tokenizer and of the encoder, so stage 2
+refuses labels made for another run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from latent_sft_core.chunking import read_chunked
+from latent_sft_core.config import Params
+from latent_sft_core.errors import ArtifactError
+from latent_sft_core.io import atomic_dir, write_json
+from latent_sft_core.layout import encoder_sequence, pad_sequences
+from latent_sft_core.modeling import load_pretrained_model
+from latent_sft_core.phase1 import encode_latents
+from latent_sft_core.soft_labels import SoftLabelMeta, SoftLabelWriter, bytes_per_latent
+from latent_sft_core.text import load_tokenizer, special_ids, tokenizer_fingerprint
+from latent_sft_core.training import dir_digest
+
+log = logging.getLogger(__name__)
+
+
+def encoder_fingerprint(merged_dir: Path) -> str:
+    """Identity of the merged stage-1 encoder, recorded in the labels and checked by stage 2."""
+    return dir_digest(Path(merged_dir) / "encoder")[:16]
+
+
+@torch.no_grad()
+def cache_soft_labels(params: Params, merged_dir: Path, chunked_dir: Path, out_dir: Path, metrics_path: Path) -> dict:
+    """Write the soft labels of every split in ``cache_soft_labels.splits``; returns and writes metrics."""
+    section = params.cache_soft_labels
+    if params.latent.kind == "hidden_state":
+        raise ArtifactError("latent.kind 'hidden_state' feeds hidden states, not vocabulary mixtures: "
+                            "there are no soft labels to cache")
+    merged_dir = Path(merged_dir)
+    tokenizer = load_tokenizer(merged_dir / "encoder")
+    ids = special_ids(tokenizer)
+    encoder = load_pretrained_model(merged_dir / "encoder").eval()
+    decoder = load_pretrained_model(merged_dir / "decoder").eval()
+    meta = SoftLabelMeta.for_run(
+        params.latent,
+        compression_rate=params.base.compression_rate,
+        top_k=params.base.top_k,
+        vocab_size=decoder.get_input_embeddings().num_embeddings,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        encoder_fingerprint=encoder_fingerprint(merged_dir),
+        prob_dtype=section.prob_dtype,
+    )
+    metrics: dict = {}
+    with atomic_dir(out_dir) as tmp:
+        for split in section.splits:
+            source = Path(chunked_dir) / f"{split}.parquet"
+            if not source.is_file():
+                raise ArtifactError(f"{source}: no such chunked split (cache_soft_labels.splits names '{split}')")
+            rows = read_chunked(source, params.base.compression_rate, meta.tokenizer_fingerprint)[: section.max_rows]
+            started = time.perf_counter()
+            with SoftLabelWriter(tmp / f"{split}.parquet", meta, section.row_group_rows) as writer:
+                starts = range(0, len(rows), section.batch_size)
+                for start in tqdm(starts, desc=f"soft labels {split}", unit="batch"):
+                    batch = rows[start : start + section.batch_size]
+                    padded = pad_sequences([encoder_sequence(row, ids) for row in batch], ids.pad)
+                    latents = encode_latents(encoder, decoder, params.latent, params.base.top_k,
+                                             padded["input_ids"], padded["roles"])
+                    writer.write_alpha([row.id for row in batch], [row.num_chunks for row in batch], latents.alpha)
+            seconds = time.perf_counter() - started
+            latents_total = sum(row.num_chunks for row in rows)
+            metrics[split] = {
+                "rows": len(rows),
+                "latents": latents_total,
+                "bytes_per_latent": round(bytes_per_latent(tmp / f"{split}.parquet"), 2) if latents_total else None,
+                "latents_per_second": round(latents_total / seconds, 1) if seconds else None,
+            }
+            log.info("%s: %s", split, metrics[split])
+    write_json(metrics_path, metrics)
+    return metrics

@@ -1,0 +1,249 @@
+"""Stage 2 (train_latent): the LLM learns to produce its latents itself.
+
+Sequence ``[prompt] <think> Z_1 ... Z_N </think> [answer] <end>`` (plain causal attention, positions 0..T-1),
+Z_j = alpha_j @ E with alpha_j the cached soft label of latent j (optionally Gumbel-perturbed; the perturbed
+alpha is then both the input mixture and the KL target) and E the LLM's own input embeddings (detached).
+Loss = ce_weight * CE(``</think>``, answer, end) + kl_weight * KL(alpha_j || student at the position before
+Z_j); with ``loss_schedule: alternate`` the steps cycle KL only, CE only, both.
+
+Training runs through DeepSpeed ZeRO (stage 2 by default, 3 optional) when ``train_latent.deepspeed.enabled``;
+in one process by default, or under ``torchrun`` / ``deepspeed`` with several (only rank 0 writes outputs).
+The result is a plain Hugging Face checkpoint (LoRA merged) with its tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+from latent_sft_core.chunking import ChunkedRow, read_chunked
+from latent_sft_core.config import Params
+from latent_sft_core.deepspeed_config import deepspeed_config
+from latent_sft_core.errors import ArtifactError, DataError
+from latent_sft_core.io import write_json
+from latent_sft_core.labeling import encoder_fingerprint
+from latent_sft_core.layout import TokenSequence, labels_from_roles, pad_sequences, stage2_sequence
+from latent_sft_core.losses import stage2_losses
+from latent_sft_core.masks import Role
+from latent_sft_core.modeling import load_pretrained_model, save_model
+from latent_sft_core.soft_embedding import SparseAlpha, gumbel_perturb, mix_embeddings
+from latent_sft_core.soft_labels import SoftLabelReader, open_soft_labels
+from latent_sft_core.stage1 import merged, with_lora
+from latent_sft_core.text import load_tokenizer, special_ids, tokenizer_fingerprint
+from latent_sft_core.training import (
+    SCRATCH_ROOT,
+    ComponentLoggingTrainer,
+    dir_digest,
+    finish_scratch,
+    run_fingerprint,
+    run_training,
+    write_loss_curve,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LatentExample:
+    sequence: TokenSequence
+    teacher_ids: torch.Tensor | None  # [N, k] long; None for dense full-vocabulary labels
+    teacher_probs: torch.Tensor  # [N, k] float32
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Chunked rows joined with their soft labels; labels are read lazily from the memory-mapped cache."""
+
+    def __init__(self, rows: Sequence[ChunkedRow], labels: SoftLabelReader, ids, source: Path):
+        self.rows = list(rows)
+        self.labels = labels
+        self.special = ids
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> LatentExample:
+        row = self.rows[index]
+        teacher_ids, teacher_probs = self.labels.by_id(row.id)
+        if teacher_probs.shape[0] != row.num_chunks:
+            raise ArtifactError(
+                f"{self.source}: row {row.id} has {teacher_probs.shape[0]} cached latents but {row.num_chunks} "
+                "chunks; the cache belongs to other chunked data"
+            )
+        return LatentExample(stage2_sequence(row, self.special), teacher_ids, teacher_probs)
+
+
+@dataclass(frozen=True)
+class LatentCollator:
+    """Pads a batch; teacher labels concatenated in (sample, slot) order; Gumbel noise drawn per batch."""
+
+    pad_id: int
+    gumbel: tuple[float, float, tuple[float, float]] | None = None  # (scale, tau, clamp) when enabled
+
+    def __call__(self, batch: Sequence[LatentExample]) -> dict[str, torch.Tensor]:
+        padded = pad_sequences([example.sequence for example in batch], self.pad_id)
+        probs = torch.cat([example.teacher_probs for example in batch])
+        if self.gumbel is not None:
+            scale, tau, clamp = self.gumbel
+            probs = gumbel_perturb(probs, scale, tau, clamp)
+        inputs = {
+            "input_ids": padded["input_ids"],
+            "attention_mask": padded["attention_mask"],
+            "roles": padded["roles"],
+            "labels": labels_from_roles(padded["input_ids"], padded["roles"]),
+            "teacher_probs": probs,
+        }
+        if batch[0].teacher_ids is not None:
+            inputs["teacher_ids"] = torch.cat([example.teacher_ids for example in batch])
+        return inputs
+
+
+def latent_forward(model: PreTrainedModel, inputs: dict[str, torch.Tensor], ce_weight: float, kl_weight: float):
+    """Stage-2 losses for one padded batch (see ``LatentCollator`` for the inputs)."""
+    embedding = model.get_input_embeddings()
+    embeds = embedding(inputs["input_ids"])
+    slots = inputs["roles"] == Role.LATENT
+    teacher_ids = inputs.get("teacher_ids")
+    alpha = SparseAlpha(ids=teacher_ids, probs=inputs["teacher_probs"])
+    if bool(slots.any()):
+        embeds = embeds.clone()
+        embeds[slots] = mix_embeddings(alpha, embedding).to(embeds.dtype)
+    logits = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], use_cache=False).logits
+    return stage2_losses(logits, inputs["labels"], inputs["roles"], teacher_ids, alpha.probs, ce_weight, kl_weight)
+
+
+class LatentTrainer(ComponentLoggingTrainer):
+    """Computes the stage-2 loss; with ``schedule='alternate'`` training steps cycle KL, CE, both."""
+
+    def __init__(self, *args, ce_weight: float, kl_weight: float, schedule: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weights = (ce_weight, kl_weight)
+        self.schedule = schedule
+
+    def step_weights(self) -> tuple[float, float]:
+        ce_weight, kl_weight = self.weights
+        if self.schedule == "sum" or not self.model.training:
+            return ce_weight, kl_weight
+        return ((0.0, kl_weight), (ce_weight, 0.0), (ce_weight, kl_weight))[self.state.global_step % 3]
+
+    def loss_outputs(self, model, inputs):
+        return latent_forward(model, inputs, *self.step_weights())
+
+
+def ensure_distributed_env() -> None:
+    """Single-process defaults for DeepSpeed (torchrun and the deepspeed launcher set these themselves)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(key, value)
+
+
+def _latent_rows(
+    params: Params, chunked: Path, split: str, tokenizer, limit: int | None, labels_dir: Path, encoder_id: str
+) -> LatentDataset:
+    rows = read_chunked(chunked / f"{split}.parquet", params.base.compression_rate,
+                        tokenizer_fingerprint(tokenizer))[:limit]
+    max_len = params.train_latent.train.max_seq_len
+    for row in rows:
+        length = len(row.prompt_ids) + row.num_chunks + len(row.answer_ids) + 3
+        if length > max_len:
+            raise DataError(f"{chunked / split}.parquet: row {row.id} has {length} tokens, more than "
+                            f"train_latent.train.max_seq_len={max_len}")
+    labels = open_soft_labels(
+        labels_dir / f"{split}.parquet",
+        compression_rate=params.base.compression_rate,
+        top_k=None if params.latent.full_vocab else params.base.top_k,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        encoder_fingerprint=encoder_id,
+    )
+    return LatentDataset(rows, labels, special_ids(tokenizer), labels_dir / f"{split}.parquet")
+
+
+def train_latent(
+    params: Params,
+    merged_dir: Path,
+    chunked_dir: Path,
+    soft_labels_dir: Path,
+    out_dir: Path,
+    metrics_path: Path,
+    loss_curve_path: Path,
+    scratch_dir: Path = SCRATCH_ROOT / "train_latent",
+) -> dict | None:
+    """Train stage 2 from the merged stage-1 decoder; rank 0 writes the merged model, metrics and curve."""
+    section = params.train_latent
+    if params.latent.kind == "hidden_state":
+        raise ArtifactError("latent.kind 'hidden_state' has no vocabulary soft labels; stage 2 needs soft_embedding")
+    decoder_dir = Path(merged_dir) / "decoder"
+    tokenizer = load_tokenizer(decoder_dir)
+    encoder_id = encoder_fingerprint(merged_dir)
+    train = _latent_rows(params, Path(chunked_dir), "train", tokenizer, section.max_train_rows, soft_labels_dir,
+                         encoder_id)
+    val = _latent_rows(params, Path(chunked_dir), "val", tokenizer, section.max_eval_rows, soft_labels_dir,
+                       encoder_id)
+
+    model = load_pretrained_model(decoder_dir)
+    model = with_lora(model, section.lora, params.base.seed) if section.finetune == "lora" else model
+    gumbel = section.gumbel
+    collator = LatentCollator(
+        special_ids(tokenizer).pad,
+        (gumbel.scale, gumbel.tau, (gumbel.clamp_min, gumbel.clamp_max)) if gumbel.enabled else None,
+    )
+    overrides: dict = {}
+    if section.deepspeed.enabled:
+        ensure_distributed_env()
+        overrides["deepspeed"] = deepspeed_config(section.deepspeed)
+    fingerprint = run_fingerprint(
+        section=section.model_dump(mode="json"),
+        latent=params.latent.model_dump(mode="json"),
+        base=params.base.model_dump(mode="json", include={"seed", "compression_rate", "top_k"}),
+        inputs={name: dir_digest(p) for name, p in (("merged", decoder_dir), ("labels", soft_labels_dir))},
+        world_size=os.environ.get("WORLD_SIZE", "1"),
+    )
+    log.info("train_latent: rank %s of %s", os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1"))
+    trainer_cls = partial(LatentTrainer, ce_weight=section.ce_weight, kl_weight=section.kl_weight,
+                          schedule=section.loss_schedule)
+    result = run_training(model, train, collator, section.train, scratch_dir, params.base.seed, fingerprint,
+                          trainer_cls=trainer_cls, eval_dataset=val, **overrides)
+    trainer = result.trainer
+    final_dir = scratch_dir / "final"
+    trainer.save_model(str(final_dir))  # gathers ZeRO-3 partitions; collective, so every rank calls it
+    if not trainer.is_world_process_zero():
+        return None
+    # training is over: models loaded from here on are plain ones, not ZeRO-3-partitioned (a collective)
+    unset_hf_deepspeed_config()
+    losses = result.losses()
+    metrics = {
+        "steps": result.global_step,
+        "train_seconds": round(result.seconds, 1),
+        "final_loss": losses[-1][1] if losses else None,
+        "best_step": result.best_checkpoint_step,
+        "best_val_loss": result.best_eval_loss,
+        "val_loss_by_step": {str(step): loss for step, loss in result.eval_losses()},
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "zero_stage": section.deepspeed.zero_stage if section.deepspeed.enabled else None,
+    }
+    if section.finetune == "lora":
+        final = merged(load_pretrained_model(decoder_dir), final_dir)
+    else:
+        final = load_pretrained_model(final_dir)
+    save_model(final, tokenizer, out_dir)
+    write_json(metrics_path, metrics)
+    write_loss_curve(loss_curve_path, result)
+    finish_scratch(scratch_dir)
+    return metrics
+

@@ -1,0 +1,196 @@
+"""Phase 2 on the micro configuration: soft-label cache, stage-2 training, DeepSpeed ZeRO-2 / ZeRO-3.
+
+DeepSpeed runs go through the stage's command line in subprocesses: DeepSpeed sets up torch.distributed and
+environment variables that must not leak into the other tests of this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from latent_sft_core.chunking import read_chunked
+from latent_sft_core.config import parse_params
+from latent_sft_core.errors import ArtifactError
+from latent_sft_core.labeling import cache_soft_labels, encoder_fingerprint
+from latent_sft_core.layout import encoder_sequence, pad_sequences
+from latent_sft_core.modeling import load_pretrained_model
+from latent_sft_core.phase1 import encode_latents
+from latent_sft_core.soft_labels import open_soft_labels
+from latent_sft_core.stage2 import LatentTrainer, train_latent
+from latent_sft_core.text import load_tokenizer, special_ids, tokenizer_fingerprint
+from tests.support import REPO_ROOT, deep_merge, micro_params_file_content
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def labelled(phase1_run):
+    root, params, _ = phase1_run
+    metrics = cache_soft_labels(params, root / "merged", root / "chunked", root / "labels",
+                                root / "metrics" / "cache.json")
+    return root, params, metrics
+
+
+def test_cache_holds_the_encoders_alpha_for_every_latent(labelled):
+    root, params, metrics = labelled
+    tokenizer = load_tokenizer(root / "merged" / "encoder")
+    rows = read_chunked(root / "chunked" / "train.parquet")
+    assert metrics["train"]["rows"] == len(rows) and metrics["val"]["rows"] == 16
+    assert metrics["train"]["latents"] == sum(r.num_chunks for r in rows)
+    reader = open_soft_labels(root / "labels" / "train.parquet", compression_rate=2, top_k=params.base.top_k,
+                              tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                              encoder_fingerprint=encoder_fingerprint(root / "merged"))
+    assert len(reader) == len(rows) and reader.ids() == [r.id for r in rows]
+    assert reader.meta.num_latents == metrics["train"]["latents"]
+    # recompute the alpha of a few rows with the merged models: same ids, same probabilities (float16)
+    encoder = load_pretrained_model(root / "merged" / "encoder")
+    decoder = load_pretrained_model(root / "merged" / "decoder")
+    sample = [r for r in rows if r.num_chunks][:3]
+    padded = pad_sequences([encoder_sequence(r, special_ids(tokenizer)) for r in sample], special_ids(tokenizer).pad)
+    with torch.no_grad():
+        alpha = encode_latents(encoder, decoder, params.latent, params.base.top_k, padded["input_ids"],
+                               padded["roles"]).alpha
+    offset = 0
+    for row in sample:
+        ids, probs = reader.by_id(row.id)
+        n = row.num_chunks
+        assert ids.shape == probs.shape == (n, params.base.top_k)
+        assert torch.equal(ids, alpha.ids[offset : offset + n])
+        torch.testing.assert_close(probs, alpha.probs[offset : offset + n], atol=1e-3, rtol=0)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(n), atol=2e-3, rtol=0)
+        offset += n
+
+
+def test_stage2_trains_and_writes_a_plain_checkpoint(labelled, tmp_path):
+    root, params, _ = labelled
+    plain = deep_merge(params.model_dump(mode="json"), {"train_latent": {"deepspeed": {"enabled": False}}})
+    metrics = train_latent(parse_params(plain), root / "merged", root / "chunked", root / "labels", tmp_path / "latent",
+                           tmp_path / "m.json", tmp_path / "loss.csv", scratch_dir=tmp_path / "scratch")
+    lines = (tmp_path / "loss.csv").read_text().splitlines()
+    assert lines[0].split(",")[:2] == ["step", "loss"] and {"ce_loss", "kl_loss"} <= set(lines[0].split(","))
+    losses = [float(line.split(",")[1]) for line in lines[1:]]
+    assert losses[-1] < losses[0]
+    assert metrics["steps"] == 12 and metrics["zero_stage"] is None
+    assert metrics["best_val_loss"] == min(metrics["val_loss_by_step"].values())
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "latent"))
+    start = AutoModelForCausalLM.from_pretrained(str(root / "merged" / "decoder"))
+    assert not list((tmp_path / "latent").glob("adapter_*"))
+    changed = [n for n, p in model.state_dict().items() if not torch.equal(p, start.state_dict()[n])]
+    assert changed, "stage 2 left the decoder unchanged"
+
+
+def test_labels_from_another_run_are_refused(labelled, tmp_path):
+    root, params, _ = labelled
+    other_k = deep_merge(params.model_dump(mode="json"), {"base": {"top_k": 3}})
+    with pytest.raises(ArtifactError, match=r"train\.parquet.*k=4.*expects k=3"):
+        train_latent(parse_params(other_k), root / "merged", root / "chunked", root / "labels", tmp_path / "out",
+                     tmp_path / "m.json", tmp_path / "l.csv", scratch_dir=tmp_path / "scratch")
+    assert not (tmp_path / "out").exists()
+
+
+def test_alternating_schedule_cycles_kl_ce_and_both():
+    class State:
+        global_step = 0
+
+    trainer = LatentTrainer.__new__(LatentTrainer)
+    trainer.weights, trainer.schedule, trainer.state = (0.5, 2.0), "alternate", State()
+    trainer.model = torch.nn.Linear(1, 1)
+    seen = []
+    for step in range(4):
+        trainer.state.global_step = step
+        seen.append(trainer.step_weights())
+    assert seen == [(0.0, 2.0), (0.5, 0.0), (0.5, 2.0), (0.0, 2.0)]
+    trainer.model.eval()  # validation always scores the full objective
+    assert trainer.step_weights() == (0.5, 2.0)
+    trainer.schedule = "sum"
+    trainer.model.train()
+    assert trainer.step_weights() == (0.5, 2.0)
+
+
+# ------------------------------------------------------------------------------------- DeepSpeed runs
+
+
+def stage_command(workdir: Path, root: Path, launcher: list[str] | None = None) -> list[str]:
+    launcher = launcher or [sys.executable, "-m"]
+    return [*launcher, "tasks.train_latent", "--params", str(workdir / "params.yaml"), "--merged",
+            str(root / "merged"), "--chunked", str(root / "chunked"), "--soft-labels", str(root / "labels"),
+            "--out", str(workdir / "latent"), "--metrics", str(workdir / "metrics.json"), "--loss-curve",
+            str(workdir / "loss.csv")]
+
+
+def environment() -> dict:
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return {**clean, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def workdir_with(tmp_path: Path, name: str, overrides: dict) -> Path:
+    workdir = tmp_path / name
+    workdir.mkdir()
+    (workdir / "params.yaml").write_text(yaml.safe_dump(deep_merge(micro_params_file_content(), overrides)))
+    return workdir
+
+
+def test_zero2_trains_and_resumes_after_a_kill(labelled, tmp_path):
+    root, _, _ = labelled
+    runs = {name: workdir_with(tmp_path, name, {"train_latent": {"deepspeed": {"zero_stage": 2}}})
+            for name in ("straight", "killed")}
+    subprocess.run(stage_command(runs["straight"], root), cwd=runs["straight"], env=environment(), check=True,
+                   capture_output=True)
+    killed = runs["killed"]
+    process = subprocess.Popen(stage_command(killed, root), cwd=killed, env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / ".scratch" / "train_latent" / "checkpoint-6" / "trainer_state.json"
+    deadline = time.monotonic() + 300
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert state.exists() and not (killed / "latent").exists(), "the kill did not land between checkpoint and end"
+    rerun = subprocess.run(stage_command(killed, root), cwd=killed, env=environment(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from" in rerun.stderr
+
+    straight_metrics = json.loads((runs["straight"] / "metrics.json").read_text())
+    resumed_metrics = json.loads((killed / "metrics.json").read_text())
+    assert straight_metrics["zero_stage"] == 2 and straight_metrics["steps"] == resumed_metrics["steps"] == 12
+    curve = [float(line.split(",")[1]) for line in (runs["straight"] / "loss.csv").read_text().splitlines()[1:]]
+    assert curve[-1] < curve[0]
+    assert resumed_metrics["best_val_loss"] == pytest.approx(straight_metrics["best_val_loss"], abs=1e-5)
+    straight = load_file(runs["straight"] / "latent" / "model.safetensors")
+    resumed = load_file(killed / "latent" / "model.safetensors")
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_zero3_with_two_processes_under_torchrun(labelled, tmp_path):
+    root, _, _ = labelled
+    one_epoch = {"max_steps": -1, "epochs": 1}
+    workdir = workdir_with(tmp_path, "zero3", {"train_latent": {"deepspeed": {"zero_stage": 3}, "train": one_epoch}})
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    result = subprocess.run(stage_command(workdir, root, launcher), cwd=workdir, env=environment(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0 of 2" in result.stderr and "rank 1 of 2" in result.stderr
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["zero_stage"] == 3
+    # 192 rows, batch 16 per process, 2 processes: the data is split, not trained twice
+    assert metrics["steps"] == 6
+    saved = load_file(workdir / "latent" / "model.safetensors")
+    start = load_file(root / "merged" / "decoder" / "model.safetensors")
+    assert saved.keys() == start.keys()
+    for name, tensor in saved.items():
+        assert tensor.shape == start[name].shape and tensor.numel() > 0, name
+        assert torch.isfinite(tensor).all()
+    assert any(not torch.equal(saved[n], start[n]) for n in saved), "ZeRO-3 saved the untrained weights"
