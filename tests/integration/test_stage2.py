@@ -73,9 +73,11 @@ def test_cache_holds_the_encoders_alpha_for_every_latent(labelled):
         offset += n
 
 
-def test_stage2_trains_and_writes_a_plain_checkpoint(labelled, tmp_path):
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_stage2_trains_and_writes_a_plain_checkpoint(labelled, tmp_path, finetune):
     root, params, _ = labelled
-    plain = deep_merge(params.model_dump(mode="json"), {"train_latent": {"deepspeed": {"enabled": False}}})
+    plain = deep_merge(params.model_dump(mode="json"),
+                       {"train_latent": {"deepspeed": {"enabled": False}, "finetune": finetune}})
     metrics = train_latent(parse_params(plain), root / "merged", root / "chunked", root / "labels", tmp_path / "latent",
                            tmp_path / "m.json", tmp_path / "loss.csv", scratch_dir=tmp_path / "scratch")
     lines = (tmp_path / "loss.csv").read_text().splitlines()
@@ -89,6 +91,25 @@ def test_stage2_trains_and_writes_a_plain_checkpoint(labelled, tmp_path):
     assert not list((tmp_path / "latent").glob("adapter_*"))
     changed = [n for n, p in model.state_dict().items() if not torch.equal(p, start.state_dict()[n])]
     assert changed, "stage 2 left the decoder unchanged"
+
+
+def test_full_vocabulary_labels_and_gumbel_noise_train_too(labelled, tmp_path):
+    root, params, _ = labelled
+    full = parse_params(deep_merge(params.model_dump(mode="json"), {
+        "latent": {"full_vocab": True},
+        "train_latent": {"deepspeed": {"enabled": False}, "gumbel": {"enabled": True}},
+    }))
+    cache_soft_labels(full, root / "merged", root / "chunked", tmp_path / "labels", tmp_path / "cache.json")
+    vocab = load_pretrained_model(root / "merged" / "decoder").config.vocab_size
+    ids, probs = open_soft_labels(tmp_path / "labels" / "train.parquet", compression_rate=2, top_k=None,
+                                  tokenizer_fingerprint=tokenizer_fingerprint(load_tokenizer(root / "merged" / "encoder")),
+                                  encoder_fingerprint=encoder_fingerprint(root / "merged"))[0]
+    assert ids is None and probs.shape[1] == vocab
+    metrics = train_latent(full, root / "merged", root / "chunked", tmp_path / "labels", tmp_path / "latent",
+                           tmp_path / "m.json", tmp_path / "loss.csv", scratch_dir=tmp_path / "scratch")
+    assert metrics["steps"] == 12 and (tmp_path / "latent" / "model.safetensors").is_file()
+    kl = [float(line.split(",")[-1]) for line in (tmp_path / "loss.csv").read_text().splitlines()[1:]]
+    assert all(value > 0 for value in kl)
 
 
 def test_labels_from_another_run_are_refused(labelled, tmp_path):
