@@ -12,7 +12,6 @@ from pathlib import Path
 from latent_sft_core.chunking import ChunkedRow, chunk_examples
 from latent_sft_core.config import Params
 from latent_sft_core.data.schema import read_examples
-from latent_sft_core.errors import DataError
 from latent_sft_core.inference import generate_cot
 from latent_sft_core.io import write_json
 from latent_sft_core.layout import cot_sft_sequence
@@ -23,6 +22,7 @@ from latent_sft_core.training import (
     SCRATCH_ROOT,
     CausalLMCollator,
     SequenceDataset,
+    check_sequence_lengths,
     file_digest,
     finish_scratch,
     run_fingerprint,
@@ -59,15 +59,10 @@ def train_base_model(
     result = None
     if not section.skip_sft:
         train_file = Path(raw_dir) / "train.parquet"
-        sequences = []
-        for row in tokenized_split(params, train_file, tokenizer):
-            sequence = cot_sft_sequence(row, ids)
-            if len(sequence.input_ids) > section.train.max_seq_len:
-                raise DataError(
-                    f"{train_file}: row {row.id} has {len(sequence.input_ids)} tokens, more than "
-                    f"base_model.train.max_seq_len={section.train.max_seq_len}"
-                )
-            sequences.append(sequence)
+        rows = tokenized_split(params, train_file, tokenizer)
+        sequences = [cot_sft_sequence(row, ids) for row in rows]
+        check_sequence_lengths(train_file, [r.id for r in rows], [len(s.input_ids) for s in sequences],
+                               section.train.max_seq_len, "base_model.train.max_seq_len")
         fingerprint = run_fingerprint(
             params=params.base_model.model_dump(),
             base=params.base.model_dump(include={"seed", "model", "text"}),
@@ -81,9 +76,7 @@ def train_base_model(
 
     metrics = {"parameters": n_params, **validation_metrics(params, raw_dir, tokenizer, model)}
     if result is not None:
-        losses = result.losses()
-        metrics |= {"train_seconds": round(result.seconds, 1), "steps": result.global_step,
-                    "final_loss": losses[-1][1] if losses else None}
+        metrics |= result.summary()
     save_model(model, tokenizer, out_dir)
     write_json(metrics_path, metrics)
     if result is not None:

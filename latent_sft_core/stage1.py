@@ -35,6 +35,7 @@ from latent_sft_core.training import (
     SCRATCH_ROOT,
     SequenceDataset,
     TrainableStateTrainer,
+    check_sequence_lengths,
     dir_digest,
     finish_scratch,
     run_fingerprint,
@@ -107,14 +108,13 @@ def stage1_models(params: Params, stage: Stage1Name, inputs: Stage1Inputs) -> tu
     return encoder, decoder
 
 
-def _examples(params: Params, path: Path, tokenizer, limit: int | None, max_len: int):
+def _examples(params: Params, stage: Stage1Name, path: Path, tokenizer, limit: int | None):
     ids = special_ids(tokenizer)
     rows = read_chunked(path, params.base.compression_rate, tokenizer_fingerprint(tokenizer))[:limit]
     examples = [stage1_example(row, ids) for row in rows]
-    for row, example in zip(rows, examples):
-        length = max(len(example.encoder.input_ids), len(example.decoder.input_ids))
-        if length > max_len:
-            raise DataError(f"{path}: row {row.id} has {length} tokens, more than train.max_seq_len={max_len}")
+    lengths = [max(len(e.encoder.input_ids), len(e.decoder.input_ids)) for e in examples]
+    max_len = getattr(params, stage).train.max_seq_len
+    check_sequence_lengths(path, [r.id for r in rows], lengths, max_len, f"{stage}.train.max_seq_len")
     return examples
 
 
@@ -132,8 +132,8 @@ def train_stage1(
     scratch_dir = scratch_dir or SCRATCH_ROOT / stage
     tokenizer = load_tokenizer(inputs.base_dir)
     chunked = Path(inputs.chunked_dir)
-    train = _examples(params, chunked / "train.parquet", tokenizer, section.max_train_rows, section.train.max_seq_len)
-    val = _examples(params, chunked / "val.parquet", tokenizer, section.max_eval_rows, section.train.max_seq_len)
+    train = _examples(params, stage, chunked / "train.parquet", tokenizer, section.max_train_rows)
+    val = _examples(params, stage, chunked / "val.parquet", tokenizer, section.max_eval_rows)
     if not val:
         raise DataError(f"{chunked / 'val.parquet'}: the validation split is empty; phase 1 selects checkpoints on it")
     encoder, decoder = stage1_models(params, stage, inputs)
@@ -156,16 +156,7 @@ def train_stage1(
         for name, part, lora in ((ENCODER, encoder, section.encoder_lora), (DECODER, decoder, section.decoder_lora)):
             if lora is not None:
                 part.save_pretrained(str(tmp / name))
-    losses = result.losses()
-    metrics = {
-        "trainable_parameters": trainable,
-        "steps": result.global_step,
-        "train_seconds": round(result.seconds, 1),
-        "final_loss": losses[-1][1] if losses else None,
-        "best_step": result.best_checkpoint_step,
-        "best_val_loss": result.best_eval_loss,
-        "val_loss_by_step": {str(step): loss for step, loss in result.eval_losses()},
-    }
+    metrics = {"trainable_parameters": trainable, **result.summary()}
     write_json(metrics_path, metrics)
     write_loss_curve(loss_curve_path, result)
     finish_scratch(scratch_dir)

@@ -42,6 +42,7 @@ from latent_sft_core.text import load_tokenizer, special_ids, tokenizer_fingerpr
 from latent_sft_core.training import (
     SCRATCH_ROOT,
     ComponentLoggingTrainer,
+    check_sequence_lengths,
     dir_digest,
     finish_scratch,
     run_fingerprint,
@@ -156,14 +157,11 @@ def ensure_distributed_env() -> None:
 def _latent_rows(
     params: Params, chunked: Path, split: str, tokenizer, limit: int | None, labels_dir: Path, encoder_id: str
 ) -> LatentDataset:
-    rows = read_chunked(chunked / f"{split}.parquet", params.base.compression_rate,
-                        tokenizer_fingerprint(tokenizer))[:limit]
-    max_len = params.train_latent.train.max_seq_len
-    for row in rows:
-        length = len(row.prompt_ids) + row.num_chunks + len(row.answer_ids) + 3
-        if length > max_len:
-            raise DataError(f"{chunked / split}.parquet: row {row.id} has {length} tokens, more than "
-                            f"train_latent.train.max_seq_len={max_len}")
+    source = chunked / f"{split}.parquet"
+    rows = read_chunked(source, params.base.compression_rate, tokenizer_fingerprint(tokenizer))[:limit]
+    lengths = [len(stage2_sequence(row, special_ids(tokenizer)).input_ids) for row in rows]
+    check_sequence_lengths(source, [r.id for r in rows], lengths, params.train_latent.train.max_seq_len,
+                           "train_latent.train.max_seq_len")
     labels = open_soft_labels(
         labels_dir / f"{split}.parquet",
         compression_rate=params.base.compression_rate,
@@ -195,6 +193,9 @@ def train_latent(
                          encoder_id)
     val = _latent_rows(params, Path(chunked_dir), "val", tokenizer, section.max_eval_rows, soft_labels_dir,
                        encoder_id)
+    if not len(val):
+        raise DataError(f"{Path(chunked_dir) / 'val.parquet'}: the validation split is empty; stage 2 selects "
+                        "checkpoints on it")
 
     model = load_pretrained_model(decoder_dir)
     model = with_lora(model, section.lora, params.base.seed) if section.finetune == "lora" else model
@@ -226,14 +227,8 @@ def train_latent(
         return None
     # training is over: models loaded from here on are plain ones, not ZeRO-3-partitioned (a collective)
     unset_hf_deepspeed_config()
-    losses = result.losses()
     metrics = {
-        "steps": result.global_step,
-        "train_seconds": round(result.seconds, 1),
-        "final_loss": losses[-1][1] if losses else None,
-        "best_step": result.best_checkpoint_step,
-        "best_val_loss": result.best_eval_loss,
-        "val_loss_by_step": {str(step): loss for step, loss in result.eval_losses()},
+        **result.summary(),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "zero_stage": section.deepspeed.zero_stage if section.deepspeed.enabled else None,
     }

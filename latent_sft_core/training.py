@@ -24,7 +24,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from latent_sft_core.config import TrainParams
-from latent_sft_core.errors import ArtifactError
+from latent_sft_core.errors import ArtifactError, DataError
 from latent_sft_core.io import atomic_path
 from latent_sft_core.layout import TokenSequence, labels_from_roles, pad_sequences
 
@@ -57,6 +57,13 @@ class CausalLMCollator:
             "attention_mask": padded["attention_mask"],
             "labels": labels_from_roles(padded["input_ids"], padded["roles"]),
         }
+
+
+def check_sequence_lengths(source: Path, row_ids: Sequence[str], lengths: Sequence[int], max_len: int, key: str) -> None:
+    """A DataError naming file, row and params key for the first sequence longer than ``max_len``."""
+    for row_id, length in zip(row_ids, lengths):
+        if length > max_len:
+            raise DataError(f"{source}: row {row_id} has {length} tokens, more than {key}={max_len}")
 
 
 def file_digest(path: Path | str) -> str:
@@ -234,6 +241,22 @@ class TrainResult:
 
     def eval_losses(self) -> list[tuple[int, float]]:
         return [(entry["step"], entry["eval_loss"]) for entry in self.log_history if "eval_loss" in entry]
+
+    def summary(self) -> dict:
+        """What a training stage reports in its metrics file."""
+        losses = self.losses()
+        summary = {
+            "steps": self.global_step,
+            "train_seconds": round(self.seconds, 1),
+            "final_loss": losses[-1][1] if losses else None,
+        }
+        if self.best_checkpoint_step is not None:
+            summary |= {
+                "best_step": self.best_checkpoint_step,
+                "best_val_loss": self.best_eval_loss,
+                "val_loss_by_step": {str(step): loss for step, loss in self.eval_losses()},
+            }
+        return summary
 
 
 def run_training(
