@@ -38,12 +38,12 @@ from typing import Literal
 from latent_sft_core.config import FieldNames
 from latent_sft_core.data.schema import Example
 from latent_sft_core.errors import DataError
+from latent_sft_core.text import THINK_CLOSE, THINK_OPEN
 
 FileFormat = Literal["gsm8k_aug_txt", "jsonl"]
 FILE_FORMATS: tuple[FileFormat, ...] = ("gsm8k_aug_txt", "jsonl")
 
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 # how many bad rows an error message lists before summarising the rest
 _ERRORS_SHOWN = 20
 
@@ -206,10 +206,10 @@ def _reject_non_finite(constant: str) -> float:
 
 
 def _strip_think(cot: str) -> str:
-    if cot.startswith(_THINK_OPEN):
-        cot = cot[len(_THINK_OPEN) :]
-    if cot.endswith(_THINK_CLOSE):
-        cot = cot[: -len(_THINK_CLOSE)]
+    if cot.startswith(THINK_OPEN):
+        cot = cot[len(THINK_OPEN) :]
+    if cot.endswith(THINK_CLOSE):
+        cot = cot[: -len(THINK_CLOSE)]
     return cot.strip()
 
 
