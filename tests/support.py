@@ -90,3 +90,27 @@ def stage1_inputs(root: Path, stage: str):
         encoder_stage_dir=root / "train_encoder" if stage != "train_encoder" else None,
         decoder_stage_dir=root / "train_decoder" if stage == "train_joint" else None,
     )
+
+
+def subprocess_environment() -> dict:
+    """Environment for running a stage as a subprocess: this checkout importable, offline, one thread each,
+    and no distributed variables inherited from the test process."""
+    import os
+
+    inherited = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return {**inherited, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_until_killed(command: list[str], cwd: Path, marker: Path, timeout_s: float = 300) -> None:
+    """Start ``command`` and SIGKILL it as soon as ``marker`` exists (a checkpoint's trainer state)."""
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen(command, cwd=cwd, env=subprocess_environment(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()

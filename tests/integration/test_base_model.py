@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -21,7 +18,7 @@ from latent_sft_core.base_model import train_base_model
 from latent_sft_core.chunking import read_chunked
 from latent_sft_core.errors import ArtifactError, DataError
 from latent_sft_core.text import special_ids, tokenizer_fingerprint
-from tests.support import MICRO_PARAMS, REPO_ROOT
+from tests.support import MICRO_PARAMS, run_until_killed, subprocess_environment
 
 pytestmark = pytest.mark.integration
 
@@ -102,10 +99,6 @@ def _stage_command(workdir: Path, root: Path) -> list[str]:
     ]
 
 
-def _environment() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
-
-
 def test_killed_stage_resumes_to_the_same_model(micro_run, tmp_path):
     """SIGKILL after the first checkpoint; the rerun resumes from it and ends with the uninterrupted weights."""
     root, _, _ = micro_run
@@ -121,22 +114,16 @@ def test_killed_stage_resumes_to_the_same_model(micro_run, tmp_path):
         (workdir / "params.yaml").write_text(yaml.safe_dump(micro))
         runs[name] = workdir
 
-    subprocess.run(_stage_command(runs["straight"], root), cwd=runs["straight"], env=_environment(), check=True,
-                   capture_output=True)
+    subprocess.run(_stage_command(runs["straight"], root), cwd=runs["straight"], env=subprocess_environment(),
+                   check=True, capture_output=True)
 
     killed = runs["killed"]
-    process = subprocess.Popen(_stage_command(killed, root), cwd=killed, env=_environment(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = killed / ".scratch" / "base_model" / "checkpoint-8" / "trainer_state.json"
-    deadline = time.monotonic() + 120
-    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    run_until_killed(_stage_command(killed, root), killed, state)
     assert state.exists(), "no checkpoint before the kill"
     assert not (killed / "base").exists(), "the stage finished before it could be killed"
 
-    rerun = subprocess.run(_stage_command(killed, root), cwd=killed, env=_environment(), capture_output=True,
+    rerun = subprocess.run(_stage_command(killed, root), cwd=killed, env=subprocess_environment(), capture_output=True,
                            text=True, check=True)
     assert "resuming from" in rerun.stderr and "checkpoint-" in rerun.stderr
     straight_weights = load_file(runs["straight"] / "base" / "model.safetensors")

@@ -7,11 +7,8 @@ environment variables that must not leak into the other tests of this process.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +27,7 @@ from latent_sft_core.phase1 import encode_latents
 from latent_sft_core.soft_labels import open_soft_labels
 from latent_sft_core.stage2 import LatentTrainer, train_latent
 from latent_sft_core.text import load_tokenizer, special_ids, tokenizer_fingerprint
-from tests.support import REPO_ROOT, deep_merge, micro_params_file_content
+from tests.support import deep_merge, micro_params_file_content, run_until_killed, subprocess_environment
 
 pytestmark = pytest.mark.integration
 
@@ -151,11 +148,6 @@ def stage_command(workdir: Path, root: Path, launcher: list[str] | None = None) 
             str(workdir / "loss.csv")]
 
 
-def environment() -> dict:
-    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    return {**clean, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
 def workdir_with(tmp_path: Path, name: str, overrides: dict) -> Path:
     workdir = tmp_path / name
     workdir.mkdir()
@@ -167,19 +159,13 @@ def test_zero2_trains_and_resumes_after_a_kill(labelled, tmp_path):
     root, _, _ = labelled
     runs = {name: workdir_with(tmp_path, name, {"train_latent": {"deepspeed": {"zero_stage": 2}}})
             for name in ("straight", "killed")}
-    subprocess.run(stage_command(runs["straight"], root), cwd=runs["straight"], env=environment(), check=True,
+    subprocess.run(stage_command(runs["straight"], root), cwd=runs["straight"], env=subprocess_environment(), check=True,
                    capture_output=True)
     killed = runs["killed"]
-    process = subprocess.Popen(stage_command(killed, root), cwd=killed, env=environment(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = killed / ".scratch" / "train_latent" / "checkpoint-6" / "trainer_state.json"
-    deadline = time.monotonic() + 300
-    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    run_until_killed(stage_command(killed, root), killed, state)
     assert state.exists() and not (killed / "latent").exists(), "the kill did not land between checkpoint and end"
-    rerun = subprocess.run(stage_command(killed, root), cwd=killed, env=environment(), capture_output=True, text=True)
+    rerun = subprocess.run(stage_command(killed, root), cwd=killed, env=subprocess_environment(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming from" in rerun.stderr
 
@@ -200,7 +186,7 @@ def test_zero3_with_two_processes_under_torchrun(labelled, tmp_path):
     one_epoch = {"max_steps": -1, "epochs": 1}
     workdir = workdir_with(tmp_path, "zero3", {"train_latent": {"deepspeed": {"zero_stage": 3}, "train": one_epoch}})
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
-    result = subprocess.run(stage_command(workdir, root, launcher), cwd=workdir, env=environment(),
+    result = subprocess.run(stage_command(workdir, root, launcher), cwd=workdir, env=subprocess_environment(),
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0 of 2" in result.stderr and "rank 1 of 2" in result.stderr
