@@ -30,7 +30,7 @@ from latent_sft_core.errors import ArtifactError, DataError
 from latent_sft_core.io import atomic_dir, write_json
 from latent_sft_core.modeling import load_pretrained_model, save_model
 from latent_sft_core.phase1 import Stage1Collator, Stage1Model, stage1_example
-from latent_sft_core.text import load_tokenizer, special_ids, tokenizer_fingerprint
+from latent_sft_core.text import SpecialIds, load_tokenizer, special_ids, tokenizer_fingerprint
 from latent_sft_core.training import (
     SCRATCH_ROOT,
     SequenceDataset,
@@ -108,9 +108,8 @@ def stage1_models(params: Params, stage: Stage1Name, inputs: Stage1Inputs) -> tu
     return encoder, decoder
 
 
-def _examples(params: Params, stage: Stage1Name, path: Path, tokenizer, limit: int | None):
-    ids = special_ids(tokenizer)
-    rows = read_chunked(path, params.base.compression_rate, tokenizer_fingerprint(tokenizer))[:limit]
+def _examples(params: Params, stage: Stage1Name, path: Path, ids: SpecialIds, tokenizer_id: str, limit: int | None):
+    rows = read_chunked(path, params.base.compression_rate, tokenizer_id)[:limit]
     examples = [stage1_example(row, ids) for row in rows]
     lengths = [max(len(e.encoder.input_ids), len(e.decoder.input_ids)) for e in examples]
     max_len = getattr(params, stage).train.max_seq_len
@@ -132,8 +131,9 @@ def train_stage1(
     scratch_dir = scratch_dir or SCRATCH_ROOT / stage
     tokenizer = load_tokenizer(inputs.base_dir)
     chunked = Path(inputs.chunked_dir)
-    train = _examples(params, stage, chunked / "train.parquet", tokenizer, section.max_train_rows)
-    val = _examples(params, stage, chunked / "val.parquet", tokenizer, section.max_eval_rows)
+    ids, tokenizer_id = special_ids(tokenizer), tokenizer_fingerprint(tokenizer)
+    train = _examples(params, stage, chunked / "train.parquet", ids, tokenizer_id, section.max_train_rows)
+    val = _examples(params, stage, chunked / "val.parquet", ids, tokenizer_id, section.max_eval_rows)
     if not val:
         raise DataError(f"{chunked / 'val.parquet'}: the validation split is empty; phase 1 selects checkpoints on it")
     encoder, decoder = stage1_models(params, stage, inputs)
@@ -149,7 +149,7 @@ def train_stage1(
         inputs={name: dir_digest(folder) for name, folder in vars(inputs).items() if folder is not None},
     )
     result = run_training(
-        model, SequenceDataset(train), Stage1Collator(special_ids(tokenizer).pad), section.train, scratch_dir,
+        model, SequenceDataset(train), Stage1Collator(ids.pad), section.train, scratch_dir,
         params.base.seed, fingerprint, trainer_cls=TrainableStateTrainer, eval_dataset=SequenceDataset(val),
     )
     with atomic_dir(out_dir) as tmp:

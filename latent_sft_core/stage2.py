@@ -38,7 +38,7 @@ from latent_sft_core.modeling import load_pretrained_model, save_model
 from latent_sft_core.soft_embedding import SparseAlpha, gumbel_perturb, mix_embeddings
 from latent_sft_core.soft_labels import SoftLabelReader, open_soft_labels
 from latent_sft_core.stage1 import merged, with_lora
-from latent_sft_core.text import load_tokenizer, special_ids, tokenizer_fingerprint
+from latent_sft_core.text import SpecialIds, load_tokenizer, special_ids, tokenizer_fingerprint
 from latent_sft_core.training import (
     SCRATCH_ROOT,
     ComponentLoggingTrainer,
@@ -155,21 +155,22 @@ def ensure_distributed_env() -> None:
 
 
 def _latent_rows(
-    params: Params, chunked: Path, split: str, tokenizer, limit: int | None, labels_dir: Path, encoder_id: str
+    params: Params, chunked: Path, split: str, ids: SpecialIds, tokenizer_id: str, limit: int | None,
+    labels_dir: Path, encoder_id: str,
 ) -> LatentDataset:
     source = chunked / f"{split}.parquet"
-    rows = read_chunked(source, params.base.compression_rate, tokenizer_fingerprint(tokenizer))[:limit]
-    lengths = [len(stage2_sequence(row, special_ids(tokenizer)).input_ids) for row in rows]
+    rows = read_chunked(source, params.base.compression_rate, tokenizer_id)[:limit]
+    lengths = [len(stage2_sequence(row, ids).input_ids) for row in rows]
     check_sequence_lengths(source, [r.id for r in rows], lengths, params.train_latent.train.max_seq_len,
                            "train_latent.train.max_seq_len")
     labels = open_soft_labels(
         labels_dir / f"{split}.parquet",
         compression_rate=params.base.compression_rate,
         top_k=None if params.latent.full_vocab else params.base.top_k,
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        tokenizer_fingerprint=tokenizer_id,
         encoder_fingerprint=encoder_id,
     )
-    return LatentDataset(rows, labels, special_ids(tokenizer), labels_dir / f"{split}.parquet")
+    return LatentDataset(rows, labels, ids, labels_dir / f"{split}.parquet")
 
 
 def train_latent(
@@ -188,11 +189,11 @@ def train_latent(
         raise ArtifactError("latent.kind 'hidden_state' has no vocabulary soft labels; stage 2 needs soft_embedding")
     decoder_dir = Path(merged_dir) / "decoder"
     tokenizer = load_tokenizer(decoder_dir)
-    encoder_id = encoder_fingerprint(merged_dir)
-    train = _latent_rows(params, Path(chunked_dir), "train", tokenizer, section.max_train_rows, soft_labels_dir,
-                         encoder_id)
-    val = _latent_rows(params, Path(chunked_dir), "val", tokenizer, section.max_eval_rows, soft_labels_dir,
-                       encoder_id)
+    ids, tokenizer_id, encoder_id = special_ids(tokenizer), tokenizer_fingerprint(tokenizer), encoder_fingerprint(merged_dir)
+    train = _latent_rows(params, Path(chunked_dir), "train", ids, tokenizer_id, section.max_train_rows,
+                         soft_labels_dir, encoder_id)
+    val = _latent_rows(params, Path(chunked_dir), "val", ids, tokenizer_id, section.max_eval_rows,
+                       soft_labels_dir, encoder_id)
     if not len(val):
         raise DataError(f"{Path(chunked_dir) / 'val.parquet'}: the validation split is empty; stage 2 selects "
                         "checkpoints on it")
@@ -201,7 +202,7 @@ def train_latent(
     model = with_lora(model, section.lora, params.base.seed) if section.finetune == "lora" else model
     gumbel = section.gumbel
     collator = LatentCollator(
-        special_ids(tokenizer).pad,
+        ids.pad,
         (gumbel.scale, gumbel.tau, (gumbel.clamp_min, gumbel.clamp_max)) if gumbel.enabled else None,
     )
     overrides: dict = {}
