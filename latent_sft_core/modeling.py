@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from latent_sft_core.config import ModelSourceParams, TinyModelParams
+from latent_sft_core.config import LoraParams, ModelSourceParams, TinyModelParams
 from latent_sft_core.errors import ArtifactError
 from latent_sft_core.io import atomic_dir
 from latent_sft_core.text import SpecialIds, load_tokenizer, special_ids
@@ -85,3 +87,31 @@ def load_model(path: Path | str) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     path = Path(path)
     model = load_pretrained_model(path)
     return model, load_tokenizer(path)
+
+
+def merged(model: PreTrainedModel, adapter_dir: Path | str) -> PreTrainedModel:
+    """``model`` with the peft adapter in ``adapter_dir`` merged into its weights."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ArtifactError(f"{adapter_dir}: no peft adapter here (missing adapter_config.json)")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")  # see with_lora
+        return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+
+
+def with_lora(model: PreTrainedModel, lora: LoraParams, seed: int) -> PeftModel:
+    """``model`` wrapped with a new LoRA adapter, initialised from ``seed`` (reruns start identically)."""
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.targets), bias="none")
+    with warnings.catch_warnings():
+        # peft warns when an adapter covers embeddings tied to the LM head. Only the phase-1 encoder adapts
+        # embed_tokens, and its LM head is never used: merging into the tied matrix is what we want.
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return get_peft_model(model, config)
+
+
+def frozen(model: PreTrainedModel) -> PreTrainedModel:
+    model.requires_grad_(False)
+    return model

@@ -15,20 +15,17 @@ best checkpoint by the validation split's L_sup (lowest wins), never by the test
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from latent_sft_core.chunking import read_chunked
-from latent_sft_core.config import LoraParams, Params
+from latent_sft_core.config import Params
 from latent_sft_core.errors import ArtifactError, DataError
 from latent_sft_core.io import atomic_dir, write_json
-from latent_sft_core.modeling import load_pretrained_model, save_model
+from latent_sft_core.modeling import frozen, load_pretrained_model, merged, save_model, with_lora
 from latent_sft_core.phase1 import Stage1Collator, Stage1Model, stage1_example
 from latent_sft_core.text import SpecialIds, load_tokenizer, special_ids, tokenizer_fingerprint
 from latent_sft_core.training import (
@@ -58,33 +55,6 @@ class Stage1Inputs:
     chunked_dir: Path
     encoder_stage_dir: Path | None = None  # train_encoder's output (encoder adapter)
     decoder_stage_dir: Path | None = None  # train_decoder's output (decoder adapter)
-
-
-def merged(model: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
-    """``model`` with the peft adapter in ``adapter_dir`` merged into its weights."""
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ArtifactError(f"{adapter_dir}: no peft adapter here (missing adapter_config.json)")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")  # see with_lora
-        return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-
-
-def with_lora(model: PreTrainedModel, lora: LoraParams, seed: int) -> PeftModel:
-    """``model`` wrapped with a new LoRA adapter, initialised from ``seed`` (reruns start identically)."""
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.targets), bias="none")
-    with warnings.catch_warnings():
-        # peft warns when an adapter covers embeddings tied to the LM head. Only the encoder adapts
-        # embed_tokens, and the encoder's LM head is never used: merging into the tied matrix is what we want.
-        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            return get_peft_model(model, config)
-
-
-def frozen(model: PreTrainedModel) -> PreTrainedModel:
-    model.requires_grad_(False)
-    return model
 
 
 def _required(folder: Path | None, stage: str) -> Path:

@@ -34,10 +34,9 @@ from latent_sft_core.labeling import encoder_fingerprint
 from latent_sft_core.layout import TokenSequence, labels_from_roles, pad_sequences, stage2_sequence
 from latent_sft_core.losses import stage2_losses
 from latent_sft_core.masks import Role
-from latent_sft_core.modeling import load_pretrained_model, save_model
+from latent_sft_core.modeling import load_pretrained_model, merged, save_model, with_lora
 from latent_sft_core.soft_embedding import SparseAlpha, gumbel_perturb, mix_embeddings
 from latent_sft_core.soft_labels import SoftLabelReader, open_soft_labels
-from latent_sft_core.stage1 import merged, with_lora
 from latent_sft_core.text import SpecialIds, load_tokenizer, special_ids, tokenizer_fingerprint
 from latent_sft_core.training import (
     SCRATCH_ROOT,

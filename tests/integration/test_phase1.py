@@ -14,7 +14,7 @@ from latent_sft_core.chunking import read_chunked
 from latent_sft_core.config import LatentParams
 from latent_sft_core.errors import ArtifactError
 from latent_sft_core.masks import Role
-from latent_sft_core.modeling import load_pretrained_model
+from latent_sft_core.modeling import load_pretrained_model, merged
 from latent_sft_core.phase1 import (
     Stage1Collator,
     Stage1Model,
@@ -23,7 +23,7 @@ from latent_sft_core.phase1 import (
     encode_latents,
     stage1_example,
 )
-from latent_sft_core.stage1 import DECODER, ENCODER, Stage1Inputs, merged, stage1_models, train_stage1
+from latent_sft_core.stage1 import DECODER, ENCODER, Stage1Inputs, stage1_models, train_stage1
 from latent_sft_core.text import load_tokenizer, special_ids
 from latent_sft_core.training import SequenceDataset, TrainableStateTrainer, run_training
 from tests.support import STAGE1_STAGES as STAGES
