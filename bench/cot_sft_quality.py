@@ -16,13 +16,13 @@ from pathlib import Path
 
 from bench.report import machine_line, update_section
 from latent_sft_core.base_model import tokenized_split, train_base_model
-from latent_sft_core.config import load_params
+from latent_sft_core.config import DecodingParams, load_params
 from latent_sft_core.data.prepare import prepare_data
-from latent_sft_core.inference import generate_cot
+from latent_sft_core.inference import decode
 from latent_sft_core.modeling import load_model
-from latent_sft_core.scoring import answer_text, exact_match_rate
+from latent_sft_core.scoring import answer_text, pass_at_1
 from latent_sft_core.stage import setup_logging
-from latent_sft_core.text import TextFormat, build_tokenizer, special_ids
+from latent_sft_core.text import build_tokenizer, special_ids
 
 
 def main() -> None:
@@ -38,16 +38,15 @@ def main() -> None:
         metrics = train_base_model(params, work / "raw", work / "tokenizer", work / "base", work / "metrics.json",
                                    work / "loss.csv", scratch_dir=work / "scratch")
         model, tokenizer = load_model(work / "base")
-        text_format = TextFormat(params.base.text)
+        decoding = DecodingParams(batch_size=params.base_model.eval_batch_size,
+                                  max_new_tokens=params.base_model.max_new_tokens)
         rows = []
         for split in ("test", "hard", "reworded", "two_step"):
             examples = tokenized_split(params, work / "raw" / f"{split}.parquet", tokenizer)
             started = time.perf_counter()
-            decoded = generate_cot(model, [e.prompt_ids for e in examples], special_ids(tokenizer),
-                                   params.base_model.max_new_tokens, params.base_model.eval_batch_size)
+            decoded = decode(model, [e.prompt_ids for e in examples], special_ids(tokenizer), decoding, latent=None)
             seconds = time.perf_counter() - started
-            accuracy = exact_match_rate([answer_text(d, tokenizer) for d in decoded],
-                                        [text_format.answer(e.answer) for e in examples])
+            accuracy = pass_at_1([answer_text(d, tokenizer) for d in decoded], [e.answer for e in examples])
             chain = sum(len(d.reasoning_ids) for d in decoded) / len(decoded)
             rows.append((split, len(examples), accuracy, chain, seconds))
     model_line = (f"{metrics['parameters'] / 1e6:.2f}M-parameter Llama, {metrics['steps']} steps of batch "
@@ -58,9 +57,9 @@ def main() -> None:
         f"""## CoT-SFT base model on the embedded default
 
 `python -m bench.cot_sft_quality` ({machine_line()}). {model_line}.
-Greedy decoding; exact match of the text after `</think>`.
+Greedy decoding; math-verify Pass@1 of the text after `</think>`.
 
-| split | rows | exact match % | mean chain tokens | decode s |
+| split | rows | Pass@1 % | mean chain tokens | decode s |
 |---|---|---|---|---|
 {table}
 """,

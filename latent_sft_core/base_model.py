@@ -10,13 +10,13 @@ import logging
 from pathlib import Path
 
 from latent_sft_core.chunking import ChunkedRow, chunk_examples
-from latent_sft_core.config import Params
+from latent_sft_core.config import DecodingParams, Params
 from latent_sft_core.data.schema import read_examples
-from latent_sft_core.inference import generate_cot
+from latent_sft_core.inference import decode
 from latent_sft_core.io import write_json
 from latent_sft_core.layout import cot_sft_sequence
 from latent_sft_core.modeling import load_base_model, save_model
-from latent_sft_core.scoring import answer_text, exact_match_rate
+from latent_sft_core.scoring import answer_text, pass_at_1
 from latent_sft_core.text import TextFormat, load_tokenizer, special_ids, tokenizer_fingerprint
 from latent_sft_core.training import (
     SCRATCH_ROOT,
@@ -86,7 +86,7 @@ def train_base_model(
 
 
 def validation_metrics(params: Params, raw_dir: Path, tokenizer, model) -> dict:
-    """Greedy exact match on the first ``eval_rows`` validation rows (a quick signal; evaluation is its own stage)."""
+    """Greedy Pass@1 on the first ``eval_rows`` validation rows (a quick signal; evaluation is its own stage)."""
     section = params.base_model
     val_file = Path(raw_dir) / "val.parquet"
     if section.eval_rows == 0 or not val_file.is_file():
@@ -94,11 +94,7 @@ def validation_metrics(params: Params, raw_dir: Path, tokenizer, model) -> dict:
     rows = tokenized_split(params, val_file, tokenizer)[: section.eval_rows]
     if not rows:
         return {}
-    decoded = generate_cot(
-        model, [row.prompt_ids for row in rows], special_ids(tokenizer), section.max_new_tokens,
-        section.eval_batch_size,
-    )
-    text_format = TextFormat(params.base.text)
+    decoding = DecodingParams(batch_size=section.eval_batch_size, max_new_tokens=section.max_new_tokens)
+    decoded = decode(model, [row.prompt_ids for row in rows], special_ids(tokenizer), decoding, latent=None)
     predictions = [answer_text(d, tokenizer) for d in decoded]
-    references = [text_format.answer(row.answer) for row in rows]
-    return {"val_rows": len(rows), "val_exact_match": round(exact_match_rate(predictions, references), 4)}
+    return {"val_rows": len(rows), "val_pass@1": round(pass_at_1(predictions, [row.answer for row in rows]), 4)}

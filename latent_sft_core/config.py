@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -316,6 +316,58 @@ class TrainLatentParams(Strict):
     max_eval_rows: int = Field(default=256, ge=1)
 
 
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+class SamplingParams(Strict):
+    """How explicit tokens are chosen: greedy when ``temperature`` is 0, else temperature + nucleus sampling.
+
+    The latent-mode stop decision is always the greedy token (``</think>`` or not), as in the reference.
+    """
+
+    temperature: float = Field(default=0.0, ge=0, description="0 = greedy")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int = 777
+
+
+class DecodingParams(Strict):
+    batch_size: int = Field(default=64, ge=1, description="questions decoded together on one KV cache")
+    max_latent_steps: int = Field(default=32, ge=0, description="latent-step cap; then </think> is forced")
+    max_new_tokens: int = Field(
+        default=96, ge=1, description="explicit tokens: the CoT-SFT chain and answer, or the answer after latents"
+    )
+    sampling: SamplingParams = SamplingParams()
+    gumbel: GumbelParams = GumbelParams()
+
+
+ModelName = Literal["cot_sft", "latent_sft"]  # cot_sft: models/base (explicit CoT); latent_sft: models/latent
+
+
+class EvaluateParams(Strict):
+    """The evaluate stage: every model of the pipeline on every evaluation split, same decoder, same scorer."""
+
+    models: tuple[ModelName, ...] = Field(default=get_args(ModelName), min_length=1)
+    splits: tuple[str, ...] | None = Field(
+        default=None, description="chunked splits to evaluate; null = every split except train and val"
+    )
+    max_rows: int | None = Field(default=None, ge=1, description="first rows of each split (quick trials)")
+    decoding: DecodingParams = DecodingParams()
+    ecr_k: tuple[int, ...] = Field(default=(1, 2, 5, 10, 20, 50), min_length=1, description="K values of ECR@K")
+    analysis_top_k: int = Field(
+        default=100, ge=1, description="tokens of each latent step's distribution kept for ECR@K and N_eff"
+    )
+    heatmap_questions: int = Field(default=4, ge=0, description="test questions shown in the top-token heat map")
+    heatmap_tokens: int = Field(default=5, ge=1, description="top tokens per latent step in the heat map")
+
+    @model_validator(mode="after")
+    def _ecr_k_within_kept_tokens(self) -> EvaluateParams:
+        if max(self.ecr_k) > self.analysis_top_k or min(self.ecr_k) < 1:
+            raise ValueError(f"ecr_k values must be in 1..analysis_top_k ({self.analysis_top_k}), got {self.ecr_k}")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"models lists a model twice: {self.models}")
+        return self
+
+
 # ------------------------------------------------------------------------------------------- the file
 
 
@@ -330,6 +382,7 @@ class Params(Strict):
     train_joint: Stage1Params = Stage1Params(encoder_lora=ENCODER_LORA, decoder_lora=LoraParams())
     cache_soft_labels: CacheSoftLabelsParams = CacheSoftLabelsParams()
     train_latent: TrainLatentParams = TrainLatentParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
     @model_validator(mode="after")
     def _phase1_sections_train_their_models(self) -> Params:

@@ -1,28 +1,74 @@
-"""Decoding. Explicit CoT decoding (the CoT-SFT model): prompt + ``<think>``, then greedy tokens to ``<end>``."""
+"""Decoding: one batched loop on one KV cache, for the latent model and for the explicit CoT-SFT baseline.
+
+Every sequence starts from ``[prompt] <think>`` (left-padded into a batch). At each step the model gives the
+next-token logits of every row, and each row is in one of three states:
+
+* **latent** (latent model only): when its greedy token is ``</think>``, or it already took ``max_latent_steps``
+  latents, the row feeds ``</think>`` and turns explicit; otherwise it feeds ``Z = alpha @ E`` with alpha made
+  from its own logits exactly as in training (``soft_embedding.alpha_from_logits``: top-k or full vocabulary,
+  temperature), optionally perturbed by ``soft_embedding.gumbel_perturb``;
+* **explicit**: feeds the chosen token (greedy, or temperature / top-p sampling) and finishes on ``<end>`` or
+  after ``max_new_tokens`` explicit tokens;
+* **finished**: feeds pad until the whole batch is done (its outputs are ignored).
+
+The answer follows the latents on the same KV cache: nothing is re-prefilled. ``use_cache=False`` recomputes
+the whole sequence at every step instead (a check of the cached path, and the benchmark's slow reference).
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
+from latent_sft_core.config import DecodingParams, Params, SamplingParams
+from latent_sft_core.soft_embedding import SparseAlpha, alpha_from_logits, gumbel_perturb, mix_embeddings
 from latent_sft_core.text import SpecialIds
 
 
 @dataclass(frozen=True)
-class Decoded:
-    """One generated continuation after ``<think>``, split at the first ``</think>``."""
+class LatentMode:
+    """How a latent step turns the model's logits into its next input: the training definition of alpha."""
 
-    reasoning_ids: list[int]  # chain tokens before </think> (all of them if it never came)
+    top_k: int | None  # None: the full vocabulary
+    temperature: float = 1.0
+
+    @classmethod
+    def from_params(cls, params: Params) -> LatentMode:
+        return cls(None if params.latent.full_vocab else params.base.top_k, params.latent.temperature)
+
+
+@dataclass(frozen=True)
+class LatentStep:
+    """One latent step's next-token distribution (softmax of the logits), most probable tokens first."""
+
+    ids: tuple[int, ...]
+    probs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One generated continuation after ``<think>``."""
+
+    reasoning_ids: list[int]  # explicit chain tokens; for the latent model, the greedy token of each latent step
     answer_ids: list[int]  # tokens after </think>, up to (not including) <end>
-    closed: bool  # whether </think> was generated
+    closed: bool  # the reasoning was closed (by the model, or by the latent-step cap)
+    latent_steps: tuple[LatentStep, ...] = ()
+    capped: bool = False  # the latent-step cap forced </think>
+    seconds: float = 0.0  # wall time of the batch divided by its rows
+
+    @property
+    def num_reasoning_tokens(self) -> int:
+        """#L: latent steps for the latent model, chain tokens for explicit CoT (the answer excluded)."""
+        return len(self.reasoning_ids)
 
 
 def split_generation(generated: Sequence[int], ids: SpecialIds) -> Decoded:
-    """Cut a continuation into reasoning and answer; only the text after ``</think>`` is ever scored."""
+    """Cut explicit tokens into reasoning and answer; only the text after ``</think>`` is ever scored."""
     tokens = list(generated)
     if ids.end in tokens:
         tokens = tokens[: tokens.index(ids.end)]
@@ -33,6 +79,7 @@ def split_generation(generated: Sequence[int], ids: SpecialIds) -> Decoded:
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [B, T] and attention mask [B, T] of ``prompts`` padded on the left to the longest one."""
     length = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(prompts), length), dtype=torch.long)
@@ -43,29 +90,140 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return input_ids, attention
 
 
+def choose_tokens(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """Explicit token choice, logits [B, V] -> ids [B]: greedy at temperature 0, else temperature + top-p."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= sampling.top_p  # the first token always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class _BatchState:
+    """Per-row bookkeeping of one decoding batch (Python lists: a handful of rows, a few dozen steps)."""
+
+    def __init__(self, rows: int, latent: bool):
+        self.in_latent = [latent] * rows
+        self.finished = [False] * rows
+        self.explicit: list[list[int]] = [[] for _ in range(rows)]
+        self.latent_greedy: list[list[int]] = [[] for _ in range(rows)]
+        self.latent_steps: list[list[LatentStep]] = [[] for _ in range(rows)]
+        self.capped = [False] * rows
+
+    def results(self, ids: SpecialIds) -> list[Decoded]:
+        out = []
+        for row, tokens in enumerate(self.explicit):
+            decoded = split_generation(tokens, ids)
+            out.append(replace(decoded, reasoning_ids=self.latent_greedy[row] + decoded.reasoning_ids,
+                               latent_steps=tuple(self.latent_steps[row]), capped=self.capped[row]))
+        return out
+
+
 @torch.no_grad()
-def generate_cot(
-    model: PreTrainedModel,
+def _decode_batch(
+    model: nn.Module, prompts: Sequence[Sequence[int]], ids: SpecialIds, decoding: DecodingParams,
+    latent: LatentMode | None, keep_top: int, use_cache: bool, generator: torch.Generator,
+) -> list[Decoded]:
+    embedding = model.get_input_embeddings()
+    device = embedding.weight.device
+    input_ids, attention = (t.to(device) for t in left_pad([[*p, ids.think_open] for p in prompts], ids.pad))
+    step_inputs = embedding(input_ids)  # [B, T, d]: the prompt first, then one position per step
+    positions = (attention.cumsum(dim=-1) - 1).clamp(min=0)
+    all_inputs, all_positions = step_inputs, positions
+    rows = len(prompts)
+    state = _BatchState(rows, latent is not None)
+    cache = None
+    while True:
+        if use_cache:
+            output = model(inputs_embeds=step_inputs, attention_mask=attention, position_ids=positions,
+                           past_key_values=cache, use_cache=True)
+            cache = output.past_key_values
+        else:
+            output = model(inputs_embeds=all_inputs, attention_mask=attention, position_ids=all_positions,
+                           use_cache=False)
+        logits = output.logits[:, -1].float()  # [B, V]
+        greedy = logits.argmax(dim=-1).tolist()
+        chosen = choose_tokens(logits, decoding.sampling, generator).tolist()
+        next_tokens = [ids.pad] * rows
+        thinking: list[int] = []
+        for row in range(rows):
+            if state.finished[row]:
+                continue
+            if state.in_latent[row]:
+                at_cap = len(state.latent_steps[row]) >= decoding.max_latent_steps
+                if greedy[row] == ids.think_close or at_cap:
+                    state.in_latent[row] = False
+                    state.capped[row] = greedy[row] != ids.think_close
+                    state.explicit[row].append(ids.think_close)
+                    next_tokens[row] = ids.think_close
+                else:
+                    thinking.append(row)
+                    state.latent_greedy[row].append(greedy[row])
+                continue
+            state.explicit[row].append(chosen[row])
+            next_tokens[row] = chosen[row]
+            answer_tokens = len(state.explicit[row]) - (latent is not None)  # </think> of a latent row excluded
+            state.finished[row] = chosen[row] == ids.end or answer_tokens >= decoding.max_new_tokens
+        if all(state.finished):
+            break
+        next_inputs = embedding(torch.tensor(next_tokens, device=device))  # [B, d]
+        if thinking:
+            selected = torch.tensor(thinking, device=device)
+            next_inputs[selected] = _latent_inputs(logits[selected], latent, decoding, embedding, generator).to(
+                next_inputs.dtype)
+            probs, top_ids = torch.softmax(logits[selected], dim=-1).topk(min(keep_top, logits.shape[-1]), dim=-1)
+            for row, row_ids, row_probs in zip(thinking, top_ids.tolist(), probs.tolist()):
+                state.latent_steps[row].append(LatentStep(tuple(row_ids), tuple(row_probs)))
+        step_inputs = next_inputs[:, None]
+        positions = positions[:, -1:] + 1
+        attention = torch.cat([attention, attention.new_ones((rows, 1))], dim=1)
+        if not use_cache:
+            all_inputs = torch.cat([all_inputs, step_inputs], dim=1)
+            all_positions = torch.cat([all_positions, positions], dim=1)
+    return state.results(ids)
+
+
+def _latent_inputs(
+    logits: torch.Tensor, latent: LatentMode, decoding: DecodingParams, embedding: nn.Module,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Z [R, d] for the rows still thinking, from their logits [R, V]."""
+    alpha = alpha_from_logits(logits, latent.top_k, latent.temperature)
+    gumbel = decoding.gumbel
+    if gumbel.enabled:
+        noisy = gumbel_perturb(alpha.probs, gumbel.scale, gumbel.tau, (gumbel.clamp_min, gumbel.clamp_max), generator)
+        alpha = SparseAlpha(ids=alpha.ids, probs=noisy)
+    return mix_embeddings(alpha, embedding)
+
+
+def decode(
+    model: nn.Module,
     prompts: Sequence[Sequence[int]],
     ids: SpecialIds,
-    max_new_tokens: int,
-    batch_size: int,
+    decoding: DecodingParams,
+    latent: LatentMode | None,
+    keep_top: int = 10,
+    use_cache: bool = True,
     progress: bool = True,
 ) -> list[Decoded]:
-    """Greedy explicit decoding of ``[prompt] <think>`` for every prompt, in batches."""
+    """Decode ``[prompt] <think>`` for every prompt, ``decoding.batch_size`` prompts at a time.
+
+    ``latent=None`` decodes explicit CoT; otherwise every row thinks in latents first (module docstring).
+    ``keep_top`` tokens of each latent step's distribution are kept in ``Decoded.latent_steps``. Sampling and
+    Gumbel noise draw from one generator seeded with ``decoding.sampling.seed``.
+    """
     model.eval()
+    device = model.get_input_embeddings().weight.device
+    generator = torch.Generator(device=device).manual_seed(decoding.sampling.seed)
     results: list[Decoded] = []
-    starts = range(0, len(prompts), batch_size)
+    starts = range(0, len(prompts), decoding.batch_size)
     for start in tqdm(starts, desc="decoding", unit="batch", disable=not progress):
-        batch = [[*prompt, ids.think_open] for prompt in prompts[start : start + batch_size]]
-        input_ids, attention = left_pad(batch, ids.pad)
-        output = model.generate(
-            input_ids=input_ids.to(model.device),
-            attention_mask=attention.to(model.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=ids.end,
-            pad_token_id=ids.pad,
-        )
-        results.extend(split_generation(row.tolist(), ids) for row in output[:, input_ids.shape[1] :])
+        batch = prompts[start : start + decoding.batch_size]
+        began = time.perf_counter()
+        decoded = _decode_batch(model, batch, ids, decoding, latent, keep_top, use_cache, generator)
+        seconds = (time.perf_counter() - began) / len(batch)
+        results.extend(replace(d, seconds=seconds) for d in decoded)
     return results

@@ -52,3 +52,30 @@ def phase1_run(micro_run):
                                       scratch_dir=root / "scratch" / stage)
     merge_stage1(root / "base", root / "train_encoder", root / "train_decoder", root / "train_joint", root / "merged")
     return root, params, metrics
+
+
+@pytest.fixture(scope="session")
+def labelled_run(phase1_run):
+    """The soft-label cache of the micro phase-1 run. Returns (root, params, cache metrics); adds labels/."""
+    from latent_sft_core.labeling import cache_soft_labels
+
+    root, params, _ = phase1_run
+    metrics = cache_soft_labels(params, root / "merged", root / "chunked", root / "labels",
+                                root / "metrics" / "cache.json")
+    return root, params, metrics
+
+
+@pytest.fixture(scope="session")
+def latent_run(labelled_run):
+    """A stage-2 model of the micro run, trained in this process without DeepSpeed. Returns (root, params);
+    adds latent/."""
+    from latent_sft_core.config import parse_params
+    from latent_sft_core.stage2 import train_latent
+    from tests.support import deep_merge
+
+    root, params, _ = labelled_run
+    plain = parse_params(deep_merge(params.model_dump(mode="json"), {"train_latent": {"deepspeed": {"enabled": False}}}))
+    train_latent(plain, root / "merged", root / "chunked", root / "labels", root / "latent",
+                 root / "metrics" / "train_latent.json", root / "plots" / "train_latent.csv",
+                 scratch_dir=root / "scratch" / "train_latent")
+    return root, params

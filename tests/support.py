@@ -48,6 +48,8 @@ MICRO_PARAMS: dict = {
         "max_train_rows": 192,
         "max_eval_rows": 16,
     },
+    "evaluate": {"decoding": {"max_latent_steps": 8, "max_new_tokens": 40}, "ecr_k": [1, 2, 5, 10, 20],
+                 "analysis_top_k": 20},
 }
 
 

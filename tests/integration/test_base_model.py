@@ -56,7 +56,7 @@ def test_base_model_loss_goes_down_and_checkpoint_loads(micro_run):
     losses = [float(line.split(",")[1]) for line in curve[1:]]
     assert len(losses) >= 3
     assert losses[-1] < losses[0] * 0.8
-    assert metrics["steps"] == 24 and 0.0 <= metrics["val_exact_match"] <= 1.0 and metrics["val_rows"] == 8
+    assert metrics["steps"] == 24 and 0.0 <= metrics["val_pass@1"] <= 1.0 and metrics["val_rows"] == 8
     assert json.loads((root / "metrics" / "base_model.json").read_text()) == metrics
     assert (root / "base" / "model.safetensors").is_file()
     assert not list((root / "base").glob("*.bin"))

@@ -32,16 +32,8 @@ from tests.support import deep_merge, micro_params_file_content, run_until_kille
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def labelled(phase1_run):
-    root, params, _ = phase1_run
-    metrics = cache_soft_labels(params, root / "merged", root / "chunked", root / "labels",
-                                root / "metrics" / "cache.json")
-    return root, params, metrics
-
-
-def test_cache_holds_the_encoders_alpha_for_every_latent(labelled):
-    root, params, metrics = labelled
+def test_cache_holds_the_encoders_alpha_for_every_latent(labelled_run):
+    root, params, metrics = labelled_run
     tokenizer = load_tokenizer(root / "merged" / "encoder")
     rows = read_chunked(root / "chunked" / "train.parquet")
     assert metrics["train"]["rows"] == len(rows) and metrics["val"]["rows"] == 16
@@ -71,8 +63,8 @@ def test_cache_holds_the_encoders_alpha_for_every_latent(labelled):
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
-def test_stage2_trains_and_writes_a_plain_checkpoint(labelled, tmp_path, finetune):
-    root, params, _ = labelled
+def test_stage2_trains_and_writes_a_plain_checkpoint(labelled_run, tmp_path, finetune):
+    root, params, _ = labelled_run
     plain = deep_merge(params.model_dump(mode="json"),
                        {"train_latent": {"deepspeed": {"enabled": False}, "finetune": finetune}})
     metrics = train_latent(parse_params(plain), root / "merged", root / "chunked", root / "labels", tmp_path / "latent",
@@ -90,8 +82,8 @@ def test_stage2_trains_and_writes_a_plain_checkpoint(labelled, tmp_path, finetun
     assert changed, "stage 2 left the decoder unchanged"
 
 
-def test_full_vocabulary_labels_and_gumbel_noise_train_too(labelled, tmp_path):
-    root, params, _ = labelled
+def test_full_vocabulary_labels_and_gumbel_noise_train_too(labelled_run, tmp_path):
+    root, params, _ = labelled_run
     full = parse_params(deep_merge(params.model_dump(mode="json"), {
         "latent": {"full_vocab": True},
         "train_latent": {"deepspeed": {"enabled": False}, "gumbel": {"enabled": True}},
@@ -109,8 +101,8 @@ def test_full_vocabulary_labels_and_gumbel_noise_train_too(labelled, tmp_path):
     assert all(value > 0 for value in kl)
 
 
-def test_labels_from_another_run_are_refused(labelled, tmp_path):
-    root, params, _ = labelled
+def test_labels_from_another_run_are_refused(labelled_run, tmp_path):
+    root, params, _ = labelled_run
     other_k = deep_merge(params.model_dump(mode="json"), {"base": {"top_k": 3}})
     with pytest.raises(ArtifactError, match=r"train\.parquet.*k=4.*expects k=3"):
         train_latent(parse_params(other_k), root / "merged", root / "chunked", root / "labels", tmp_path / "out",
@@ -155,8 +147,8 @@ def workdir_with(tmp_path: Path, name: str, overrides: dict) -> Path:
     return workdir
 
 
-def test_zero2_trains_and_resumes_after_a_kill(labelled, tmp_path):
-    root, _, _ = labelled
+def test_zero2_trains_and_resumes_after_a_kill(labelled_run, tmp_path):
+    root, _, _ = labelled_run
     runs = {name: workdir_with(tmp_path, name, {"train_latent": {"deepspeed": {"zero_stage": 2}}})
             for name in ("straight", "killed")}
     subprocess.run(stage_command(runs["straight"], root), cwd=runs["straight"], env=subprocess_environment(), check=True,
@@ -181,8 +173,8 @@ def test_zero2_trains_and_resumes_after_a_kill(labelled, tmp_path):
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-5, msg=name)
 
 
-def test_zero3_with_two_processes_under_torchrun(labelled, tmp_path):
-    root, _, _ = labelled
+def test_zero3_with_two_processes_under_torchrun(labelled_run, tmp_path):
+    root, _, _ = labelled_run
     one_epoch = {"max_steps": -1, "epochs": 1}
     workdir = workdir_with(tmp_path, "zero3", {"train_latent": {"deepspeed": {"zero_stage": 3}, "train": one_epoch}})
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]

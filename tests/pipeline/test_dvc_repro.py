@@ -39,6 +39,7 @@ def project(tmp_path_factory) -> Path:
             shutil.copy2(source, root / name)
     (root / "params.yaml").write_text(yaml.safe_dump(micro_params_file_content()))
     dvc(root, "init", "--no-scm", "-q")
+    shutil.copytree(REPO_ROOT / ".dvc" / "plots", root / ".dvc" / "plots")
     dvc(root, "config", "core.analytics", "false")
     return root
 
@@ -54,24 +55,28 @@ def test_repro_runs_every_stage_then_nothing(project):
                 paths.CHUNKED_DIR / "test.parquet", paths.BASE_MODEL_DIR / "model.safetensors",
                 paths.METRICS_DIR / "chunk.json", paths.METRICS_DIR / "base_model.json",
                 paths.STAGE1_MERGED_DIR / "decoder" / "model.safetensors", paths.SOFT_LABELS_DIR / "train.parquet",
-                paths.LATENT_MODEL_DIR / "model.safetensors", paths.METRICS_DIR / "train_latent.json"):
+                paths.LATENT_MODEL_DIR / "model.safetensors", paths.METRICS_DIR / "train_latent.json",
+                paths.METRICS_DIR / "evaluate.json", paths.METRICS_DIR / "report.md",
+                paths.RESULTS_DIR / "predictions.parquet", paths.PLOTS_DIR / "latent_top_tokens.json"):
         assert (project / out).is_file(), out
     second = dvc(project, "repro")
     assert ran_stages(second) == set()
     assert "up to date" in second
     metrics = dvc(project, "metrics", "show")
-    assert "val_exact_match" in metrics and "mean_chain_tokens" in metrics
+    assert "val_pass@1" in metrics and "mean_chain_tokens" in metrics and "latent_sft.test.ecr@1" in metrics
+    vega = dvc(project, "plots", "show", "--show-vega", "plots/latent_top_tokens.json")
+    assert '"layer"' in vega and '"latent_step"' in vega  # the heat-map template, filled
 
 
 PHASE1 = {"train_encoder", "train_decoder", "train_joint", "merge_lora"}
-PHASE2 = {"cache_soft_labels", "train_latent"}
+PHASE2 = {"cache_soft_labels", "train_latent", "evaluate"}
 
 
 def test_param_change_reruns_only_downstream(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train_latent"]["kl_weight"] = 0.5
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    assert ran_stages(dvc(project, "repro")) == {"train_latent"}
+    assert ran_stages(dvc(project, "repro")) == {"train_latent", "evaluate"}
     params["base"]["compression_rate"] = 3  # chunking depends on c; the CoT-SFT base model does not
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     assert ran_stages(dvc(project, "repro")) == {"chunk"} | PHASE1 | PHASE2

@@ -1,0 +1,277 @@
+"""The evaluate stage: every model of the pipeline on every evaluation split, with one decoder and one scorer.
+
+``cot_sft`` (the CoT-SFT base model, decoded explicitly) and ``latent_sft`` (the stage-2 model, thinking in
+latents) answer the same questions with the same batching, caps and math-verify scoring, so the table compares
+like with like. Per model and split: Pass@1, mean #L (latent steps, or chain tokens for CoT), mean answer tokens
+and wall time per question; for the latent model also ECR@K, N_eff and Top-2 (``analysis``).
+
+Outputs: ``metrics/evaluate.json`` ({model: {split: {metric: value}}}), ``metrics/report.md`` (the same as
+Markdown tables), per-question predictions (Parquet), the ECR@K curve and the top-token heat map (DVC plots).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from latent_sft_core.analysis import ecr_at_k, path_posterior
+from latent_sft_core.chunking import ChunkedRow, read_chunked
+from latent_sft_core.config import ModelName, Params
+from latent_sft_core.errors import ArtifactError
+from latent_sft_core.inference import Decoded, LatentMode, decode
+from latent_sft_core.io import atomic_path, write_json
+from latent_sft_core.modeling import load_model
+from latent_sft_core.scoring import answer_text, is_correct
+from latent_sft_core.text import TextFormat, encode, special_ids, tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+TRAINING_SPLITS = ("train", "val")
+DECIMALS = 4
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("id", pa.string()),
+        pa.field("question", pa.string()),
+        pa.field("gold", pa.string()),
+        pa.field("prediction", pa.string()),
+        pa.field("correct", pa.bool_()),
+        pa.field("reasoning_tokens", pa.int32()),
+        pa.field("answer_tokens", pa.int32()),
+        pa.field("closed", pa.bool_()),
+        pa.field("capped", pa.bool_()),
+        pa.field("seconds", pa.float32()),
+        pa.field("reasoning", pa.string()),  # explicit chain, or the greedy token of each latent step
+        pa.field("latent_top_ids", pa.list_(pa.list_(pa.int32()))),  # per latent step, most probable first
+        pa.field("latent_top_probs", pa.list_(pa.list_(pa.float32()))),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class EvaluationOutputs:
+    metrics: Path
+    report: Path
+    predictions: Path
+    ecr_plot: Path
+    heatmap_plot: Path
+
+
+@dataclass(frozen=True)
+class SplitRun:
+    """One model's answers on one split."""
+
+    model: ModelName
+    split: str
+    rows: list[ChunkedRow]
+    decoded: list[Decoded]
+    predictions: list[str]
+    correct: list[bool]
+
+
+def evaluation_splits(params: Params, chunked_dir: Path) -> list[str]:
+    """The splits to evaluate: ``evaluate.splits``, or every chunked split but train and val (test first)."""
+    chunked_dir = Path(chunked_dir)
+    available = sorted(path.stem for path in chunked_dir.glob("*.parquet"))
+    wanted = params.evaluate.splits
+    if wanted is None:
+        wanted = sorted((s for s in available if s not in TRAINING_SPLITS), key=lambda s: (s != "test", s))
+    missing = [s for s in wanted if s not in available]
+    if missing:
+        raise ArtifactError(f"{chunked_dir}: no chunked split {', '.join(missing)} (evaluate.splits); "
+                            f"available: {', '.join(available) or 'none'}")
+    if not wanted:
+        raise ArtifactError(f"{chunked_dir}: no evaluation split (only {', '.join(available) or 'nothing'})")
+    return list(wanted)
+
+
+def run_split(
+    params: Params, name: ModelName, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: str,
+    rows: list[ChunkedRow],
+) -> SplitRun:
+    """Decode and score one split with one model (latent mode for ``latent_sft``, explicit for ``cot_sft``)."""
+    section = params.evaluate
+    latent = LatentMode.from_params(params) if name == "latent_sft" else None
+    decoded = decode(model, [row.prompt_ids for row in rows], special_ids(tokenizer), section.decoding, latent,
+                     keep_top=section.analysis_top_k)
+    predictions = [answer_text(d, tokenizer) for d in decoded]
+    correct = [is_correct(p, row.answer) for p, row in zip(predictions, rows)]
+    return SplitRun(name, split, rows, decoded, predictions, correct)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return round(statistics.fmean(values), DECIMALS) if values else 0.0
+
+
+def split_metrics(run: SplitRun, params: Params) -> dict[str, float]:
+    """The metrics of one model on one split (see the module docstring)."""
+    decoded = run.decoded
+    metrics = {
+        "rows": len(decoded),
+        "pass@1": _mean([float(c) for c in run.correct]),
+        "mean_reasoning_tokens": _mean([d.num_reasoning_tokens for d in decoded]),
+        "mean_answer_tokens": _mean([len(d.answer_ids) for d in decoded]),
+        "seconds_per_question": round(statistics.fmean(d.seconds for d in decoded), 6) if decoded else 0.0,
+        "closed_rate": _mean([float(d.closed) for d in decoded]),
+    }
+    if run.model != "latent_sft":
+        return metrics
+    metrics["capped_rate"] = _mean([float(d.capped) for d in decoded])
+    for k in params.evaluate.ecr_k:
+        values = [ecr_at_k(d.latent_steps, row.chunks(), k) for d, row in zip(decoded, run.rows)]
+        metrics[f"ecr@{k}"] = _mean([v for v in values if v is not None])
+    c = params.base.compression_rate
+    posteriors = [path_posterior(d.latent_steps, [row.cot_ids, *row.alt_cot_ids], c) for d, row in zip(decoded, run.rows)]
+    scored = [p for p in posteriors if p is not None]
+    metrics |= {"n_eff": _mean([p.n_eff for p in scored]), "top2": _mean([p.top2 for p in scored]),
+                "n_eff_rows": len(scored)}
+    return metrics
+
+
+def prediction_records(run: SplitRun, tokenizer: PreTrainedTokenizerBase, shown: int) -> list[dict]:
+    records = []
+    for row, decoded, prediction, correct in zip(run.rows, run.decoded, run.predictions, run.correct):
+        records.append({
+            "model": run.model, "split": run.split, "id": row.id, "question": row.question, "gold": row.answer,
+            "prediction": prediction, "correct": correct, "reasoning_tokens": decoded.num_reasoning_tokens,
+            "answer_tokens": len(decoded.answer_ids), "closed": decoded.closed, "capped": decoded.capped,
+            "seconds": decoded.seconds, "reasoning": tokenizer.decode(decoded.reasoning_ids),
+            "latent_top_ids": [list(step.ids[:shown]) for step in decoded.latent_steps],
+            "latent_top_probs": [list(step.probs[:shown]) for step in decoded.latent_steps],
+        })
+    return records
+
+
+def heatmap_records(run: SplitRun, tokenizer: PreTrainedTokenizerBase, questions: int, shown: int) -> list[dict]:
+    """Top tokens of every latent step for the first ``questions`` questions: one record per (step, rank)."""
+    records = []
+    for number, (row, decoded) in enumerate(zip(run.rows[:questions], run.decoded), start=1):
+        label = f"{number}. {row.question[:60]}"
+        for step_number, step in enumerate(decoded.latent_steps, start=1):
+            for rank, (token, prob) in enumerate(zip(step.ids[:shown], step.probs[:shown]), start=1):
+                records.append({"question": label, "latent_step": step_number, "rank": rank,
+                                "token": tokenizer.decode([token]), "prob": round(prob, DECIMALS)})
+    return records
+
+
+def markdown_report(results: dict[str, dict[str, dict[str, float]]], params: Params) -> str:
+    """Pass@1 and #L of every model side by side per split (with latent #L / CoT #L), then every metric."""
+    models = list(results)
+    splits = list(results[models[0]])
+    compare = {"cot_sft", "latent_sft"} <= set(models)
+    columns = [f"{m} {what}" for m in models for what in ("Pass@1 %", "#L")] + (["#L ratio"] if compare else [])
+    lines = [
+        "# Evaluation",
+        "",
+        f"c = {params.base.compression_rate}, k = {params.base.top_k}. Pass@1: math-verify on the text after "
+        "`</think>`. #L: latent steps (latent_sft) or chain tokens (cot_sft), the answer excluded.",
+        "",
+        _table_row(["split", *columns]),
+        _table_row(["---"] * (1 + len(columns))),
+    ]
+    for split in splits:
+        cells = [split]
+        for model in models:
+            values = results[model][split]
+            cells += [f"{100 * values['pass@1']:.1f}", f"{values['mean_reasoning_tokens']:.2f}"]
+        if compare:
+            chain = results["cot_sft"][split]["mean_reasoning_tokens"]
+            latent = results["latent_sft"][split]["mean_reasoning_tokens"]
+            cells.append(f"{latent / chain:.2f}" if chain else "n/a")
+        lines.append(_table_row(cells))
+    for model in models:
+        names = list(results[model][splits[0]])
+        lines += ["", f"## {model}", "", _table_row(["split", *names]), _table_row(["---"] * (1 + len(names)))]
+        lines += [_table_row([split, *(f"{values[n]:g}" for n in names)]) for split, values in results[model].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _table_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_outputs(
+    outputs: EvaluationOutputs, results: dict, report: str, records: list[dict], ecr_curve: list[dict],
+    heatmap: list[dict],
+) -> None:
+    with atomic_path(outputs.predictions) as tmp:
+        pq.write_table(pa.Table.from_pylist(records, schema=PREDICTION_SCHEMA), tmp, compression="zstd")
+    with atomic_path(outputs.ecr_plot) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["k", "ecr"])
+        writer.writeheader()
+        writer.writerows(ecr_curve)
+    _write_text(outputs.heatmap_plot, json.dumps(heatmap, indent=1, ensure_ascii=False) + "\n")
+    _write_text(outputs.report, report)
+    write_json(outputs.metrics, results)
+
+
+def evaluate(params: Params, chunked_dir: Path, model_dirs: dict[str, Path], outputs: EvaluationOutputs) -> dict:
+    """The evaluate stage (module docstring). ``model_dirs`` maps every name in ``evaluate.models`` to a folder."""
+    section = params.evaluate
+    if "latent_sft" in section.models and params.latent.kind == "hidden_state":
+        raise ArtifactError("latent.kind 'hidden_state' has no stage-2 latent model to evaluate (stage 2 needs "
+                            "soft_embedding); evaluate only cot_sft with evaluate.models: [cot_sft]")
+    splits = evaluation_splits(params, chunked_dir)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    records: list[dict] = []
+    ecr_curve: list[dict] = []
+    heatmap: list[dict] = []
+    for name in section.models:
+        model, tokenizer = load_model(model_dirs[name])
+        tokenizer_id = tokenizer_fingerprint(tokenizer)
+        results[name] = {}
+        for split in splits:
+            rows = read_chunked(Path(chunked_dir) / f"{split}.parquet", params.base.compression_rate,
+                                tokenizer_id)[: section.max_rows]
+            log.info("evaluate: %s on %s (%d questions)", name, split, len(rows))
+            run = run_split(params, name, model, tokenizer, split, rows)
+            results[name][split] = split_metrics(run, params)
+            records += prediction_records(run, tokenizer, section.heatmap_tokens)
+            if name == "latent_sft" and split == splits[0]:
+                ecr_curve = [{"k": k, "ecr": results[name][split][f"ecr@{k}"]} for k in section.ecr_k]
+                heatmap = heatmap_records(run, tokenizer, section.heatmap_questions, section.heatmap_tokens)
+            log.info("evaluate: %s on %s: %s", name, split, results[name][split])
+    write_outputs(outputs, results, markdown_report(results, params), records, ecr_curve, heatmap)
+    return results
+
+
+def answer_question(
+    params: Params, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, question: str, explicit: bool,
+    keep_top: int,
+) -> Decoded:
+    """Decode one question as the evaluation does (prompt template, alpha, caps and sampling from ``params``)."""
+    prompt = encode(tokenizer, TextFormat(params.base.text).prompt(question, tokenizer))
+    latent = None if explicit else LatentMode.from_params(params)
+    return decode(model, [prompt], special_ids(tokenizer), params.evaluate.decoding, latent, keep_top=keep_top,
+                  progress=False)[0]
+
+
+def describe(decoded: Decoded, tokenizer: PreTrainedTokenizerBase) -> str:
+    """What the model thought and answered, for a person: each latent step's superposition, then the answer."""
+    lines = []
+    if decoded.latent_steps:
+        lines.append(f"latent steps: {len(decoded.latent_steps)}" + (" (cap reached)" if decoded.capped else ""))
+        for number, step in enumerate(decoded.latent_steps, start=1):
+            tokens = "  ".join(f"{tokenizer.decode([i])!r} {p:.3f}" for i, p in zip(step.ids, step.probs))
+            lines.append(f"  step {number}: {tokens}")
+    else:
+        lines.append(f"reasoning ({decoded.num_reasoning_tokens} tokens): {tokenizer.decode(decoded.reasoning_ids)}")
+    answer = answer_text(decoded, tokenizer)
+    lines.append(f"answer: {answer}" if decoded.closed else "answer: (none: the reasoning was never closed)")
+    return "\n".join(lines)

@@ -1,0 +1,29 @@
+"""Stage evaluate: the CoT-SFT baseline and the latent model on every evaluation split (Pass@1, #L, ECR@K, N_eff)."""
+
+import sys
+from pathlib import Path
+
+from latent_sft_core import paths
+from latent_sft_core.config import load_params
+from latent_sft_core.evaluation import EvaluationOutputs, evaluate
+from latent_sft_core.stage import run_cli, stage_parser
+
+
+def main(argv=None) -> None:
+    parser = stage_parser("evaluate", __doc__)
+    parser.add_argument("--chunked", type=Path, default=paths.CHUNKED_DIR)
+    parser.add_argument("--cot-sft", type=Path, default=paths.BASE_MODEL_DIR, help="the CoT-SFT model")
+    parser.add_argument("--latent-sft", type=Path, default=paths.LATENT_MODEL_DIR, help="the stage-2 model")
+    parser.add_argument("--metrics", type=Path, default=paths.METRICS_DIR / "evaluate.json")
+    parser.add_argument("--report", type=Path, default=paths.METRICS_DIR / "report.md")
+    parser.add_argument("--predictions", type=Path, default=paths.RESULTS_DIR / "predictions.parquet")
+    parser.add_argument("--ecr-plot", type=Path, default=paths.PLOTS_DIR / "ecr_at_k.csv")
+    parser.add_argument("--heatmap-plot", type=Path, default=paths.PLOTS_DIR / "latent_top_tokens.json")
+    args = parser.parse_args(argv)
+    outputs = EvaluationOutputs(args.metrics, args.report, args.predictions, args.ecr_plot, args.heatmap_plot)
+    evaluate(load_params(args.params), args.chunked, {"cot_sft": args.cot_sft, "latent_sft": args.latent_sft}, outputs)
+    print(outputs.report.read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

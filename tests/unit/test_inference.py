@@ -1,0 +1,156 @@
+"""Batched latent / explicit decoding on one KV cache, on a tiny random Llama in float64 (exact comparisons)."""
+
+import pytest
+import torch
+from torch import nn
+
+from latent_sft_core.config import DecodingParams, GumbelParams, SamplingParams, TinyModelParams
+from latent_sft_core.inference import LatentMode, choose_tokens, decode, split_generation
+from latent_sft_core.modeling import build_tiny_model
+from latent_sft_core.soft_embedding import alpha_from_logits, mix_embeddings
+from tests.support import SPECIAL_IDS
+
+pytestmark = pytest.mark.unit
+
+IDS = SPECIAL_IDS
+VOCAB = 40
+# prompts of different lengths, so that left padding and per-row positions matter
+PROMPTS = [[10, 11, 12], [13, 14, 15, 16, 17, 18], [19], [20, 21, 22, 23], [24, 25, 26, 27, 28, 29, 30, 31]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    tiny = TinyModelParams(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    return build_tiny_model(tiny, VOCAB, IDS, seed=3).to(torch.float64).eval()
+
+
+class CloseThinkingAt(nn.Module):
+    """The model, with ``</think>`` made the greedy token exactly when a row's position reaches ``position``.
+
+    The decision depends on the row's own position only, so it is the same batched or alone; with different
+    prompt lengths, rows leave latent mode after different numbers of steps.
+    """
+
+    def __init__(self, model: nn.Module, position: int):
+        super().__init__()
+        self.model = model
+        self.position = position
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def forward(self, **kwargs):
+        output = self.model(**kwargs)
+        reached = kwargs["position_ids"][:, -1] >= self.position
+        output.logits[:, -1, IDS.think_close] = torch.where(reached, 1e4, -1e4).to(output.logits.dtype)
+        return output
+
+
+def settings(**overrides) -> DecodingParams:
+    return DecodingParams(**{"batch_size": 8, "max_latent_steps": 6, "max_new_tokens": 5, **overrides})
+
+
+def comparable(decoded):
+    return [(d.reasoning_ids, d.answer_ids, d.closed, d.capped, [s.ids for s in d.latent_steps]) for d in decoded]
+
+
+def test_split_generation_cuts_at_think_close_and_end():
+    decoded = split_generation([5, 6, IDS.think_close, 7, 8, IDS.end, 9], IDS)
+    assert (decoded.reasoning_ids, decoded.answer_ids, decoded.closed) == ([5, 6], [7, 8], True)
+    never_closed = split_generation([5, 6, IDS.end, IDS.think_close], IDS)
+    assert (never_closed.reasoning_ids, never_closed.answer_ids, never_closed.closed) == ([5, 6], [], False)
+
+
+def test_batched_latent_decoding_equals_one_by_one(model):
+    wrapped = CloseThinkingAt(model, position=8)
+    latent = LatentMode(top_k=4)
+    batched = decode(wrapped, PROMPTS, IDS, settings(), latent, progress=False)
+    alone = [decode(wrapped, [p], IDS, settings(batch_size=1), latent, progress=False)[0] for p in PROMPTS]
+    assert comparable(batched) == comparable(alone)
+    for b, a in zip(batched, alone):
+        for step_b, step_a in zip(b.latent_steps, a.latent_steps):
+            assert step_b.probs == pytest.approx(step_a.probs, abs=1e-9)
+    # position 8 is reached after 8 - len(prompt) latents (the <think> sits at position len(prompt)); capped at 6
+    assert [d.num_reasoning_tokens for d in batched] == [5, 2, 6, 4, 0]
+    assert [d.capped for d in batched] == [False, False, True, False, False]
+    assert all(d.closed and 0 < len(d.answer_ids) <= 5 for d in batched)
+
+
+def test_cached_decoding_equals_full_recomputation(model):
+    wrapped = CloseThinkingAt(model, position=7)
+    for latent in (LatentMode(top_k=4), LatentMode(top_k=None, temperature=0.7), None):
+        cached = decode(wrapped, PROMPTS, IDS, settings(), latent, progress=False)
+        recomputed = decode(wrapped, PROMPTS, IDS, settings(), latent, use_cache=False, progress=False)
+        assert comparable(cached) == comparable(recomputed)
+        for c, r in zip(cached, recomputed):
+            for step_c, step_r in zip(c.latent_steps, r.latent_steps):
+                assert step_c.probs == pytest.approx(step_r.probs, abs=1e-9)
+
+
+def test_first_step_predicting_think_close_gives_zero_latents(model):
+    decoded = decode(CloseThinkingAt(model, position=0), PROMPTS, IDS, settings(), LatentMode(top_k=4), progress=False)
+    assert all(d.num_reasoning_tokens == 0 and d.latent_steps == () and d.closed and not d.capped for d in decoded)
+    assert all(len(d.answer_ids) > 0 for d in decoded)
+
+
+def test_latent_step_cap_forces_think_close_and_the_answer_follows(model):
+    never = CloseThinkingAt(model, position=10**6)
+    decoded = decode(never, PROMPTS, IDS, settings(max_latent_steps=3, max_new_tokens=4), LatentMode(top_k=4),
+                     progress=False)
+    for d in decoded:
+        assert d.num_reasoning_tokens == 3 and len(d.latent_steps) == 3 and d.capped and d.closed
+        # </think> scores -1e4 after the forced close too, so the answer runs to the token cap
+        assert len(d.answer_ids) == 4 and IDS.think_close not in d.answer_ids
+    zero_cap = decode(never, PROMPTS[:1], IDS, settings(max_latent_steps=0), LatentMode(top_k=4), progress=False)[0]
+    assert zero_cap.num_reasoning_tokens == 0 and zero_cap.capped
+
+
+def test_latent_step_feeds_alpha_times_embeddings(model):
+    """The second step's distribution equals a forward over [prompt, <think>, Z_1] built by hand."""
+    prompt = PROMPTS[1]
+    decoded = decode(CloseThinkingAt(model, position=10**6), [prompt], IDS, settings(max_latent_steps=2),
+                     LatentMode(top_k=4), keep_top=VOCAB, progress=False)[0]
+    embedding = model.get_input_embeddings()
+    prefix = embedding(torch.tensor([[*prompt, IDS.think_open]]))
+    with torch.no_grad():
+        first = model(inputs_embeds=prefix).logits[0, -1].float()
+        first[IDS.think_close] = -1e4
+        z = mix_embeddings(alpha_from_logits(first[None], 4), embedding)
+        second = model(inputs_embeds=torch.cat([prefix, z[None].to(prefix.dtype)], dim=1)).logits[0, -1].float()
+    second[IDS.think_close] = -1e4
+    probs = torch.softmax(second, dim=-1)
+    step = decoded.latent_steps[1]
+    assert list(step.probs) == pytest.approx(probs[list(step.ids)].tolist(), abs=1e-9)
+    assert step.ids[0] == int(probs.argmax()) and decoded.reasoning_ids[1] == int(second.argmax())
+
+
+def test_explicit_decoding_equals_transformers_generate(model):
+    decoded = decode(model, PROMPTS, IDS, settings(max_new_tokens=7), None, progress=False)
+    for prompt, d in zip(PROMPTS, decoded):
+        ids = torch.tensor([[*prompt, IDS.think_open]])
+        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=7,
+                                   do_sample=False, eos_token_id=IDS.end, pad_token_id=IDS.pad)
+        expected = split_generation(generated[0, ids.shape[1]:].tolist(), IDS)
+        assert (d.reasoning_ids, d.answer_ids, d.closed) == (expected.reasoning_ids, expected.answer_ids,
+                                                            expected.closed)
+        assert d.latent_steps == () and d.seconds > 0
+
+
+def test_sampling_is_seeded_and_top_p_near_zero_is_greedy():
+    logits = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(0))
+    greedy = logits.argmax(dim=-1)
+    nucleus = SamplingParams(temperature=1.0, top_p=1e-6)
+    assert torch.equal(choose_tokens(logits, nucleus, torch.Generator().manual_seed(1)), greedy)
+    hot = SamplingParams(temperature=5.0, top_p=1.0)
+    draws = [choose_tokens(logits, hot, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], greedy)
+
+
+def test_gumbel_noise_changes_latents_reproducibly(model):
+    wrapped = CloseThinkingAt(model, position=10**6)
+    noisy = settings(max_latent_steps=3, gumbel=GumbelParams(enabled=True, scale=2.0))
+    first, again = (decode(wrapped, PROMPTS, IDS, noisy, LatentMode(top_k=4), progress=False) for _ in range(2))
+    clean = decode(wrapped, PROMPTS, IDS, settings(max_latent_steps=3), LatentMode(top_k=4), progress=False)
+    assert comparable(first) == comparable(again)
+    later_steps = lambda decoded: [d.latent_steps[1:] for d in decoded]  # noqa: E731 (step 1 is noise-free)
+    assert later_steps(first) != later_steps(clean)
