@@ -116,7 +116,7 @@ def test_bad_inputs_leave_no_outputs(latent_run, tmp_path):
     with pytest.raises(ArtifactError, match="hidden_state"):
         evaluate(hidden, root / "chunked", model_dirs(root), outputs)
     other_c = parse_params(deep_merge(params.model_dump(mode="json"), {"base": {"compression_rate": 3}}))
-    with pytest.raises(ArtifactError, match=r"test\.parquet: chunked with c=2 but this run expects 3"):
+    with pytest.raises(ArtifactError, match=r"test\.parquet: chunked with latent_sft.compression_rate=2 but this run expects 3"):
         evaluate(other_c, root / "chunked", model_dirs(root), outputs)
     assert list(tmp_path.iterdir()) == []
 
