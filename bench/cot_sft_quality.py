@@ -1,4 +1,4 @@
-"""CoT-SFT base model on the embedded default: exact-match accuracy per split and training time.
+"""CoT-SFT base model on the embedded default: Pass@1 (math-verify) per split and training time.
 
 Runs prepare_data, tokenizer and base_model with the given params in a scratch folder (the DVC workspace is
 left alone), decodes every evaluation split greedily and writes the table into BENCHMARKS.md.
