@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from latent_sft_core.chunking import read_chunked
 from latent_sft_core.config import Params
 from latent_sft_core.errors import ArtifactError, DataError
-from latent_sft_core.io import atomic_dir, write_json
+from latent_sft_core.io import atomic_dir, atomic_outputs, write_json
 from latent_sft_core.modeling import frozen, load_pretrained_model, merged, save_model, with_lora
 from latent_sft_core.phase1 import Stage1Collator, Stage1Model, stage1_example
 from latent_sft_core.text import SpecialIds, load_tokenizer, special_ids, tokenizer_fingerprint
@@ -122,13 +122,14 @@ def train_stage1(
         model, SequenceDataset(train), Stage1Collator(ids.pad), section.train, scratch_dir,
         params.base.seed, fingerprint, trainer_cls=TrainableStateTrainer, eval_dataset=SequenceDataset(val),
     )
-    with atomic_dir(out_dir) as tmp:
+    metrics = {"trainable_parameters": trainable, **result.summary()}
+    with atomic_outputs() as outputs:
+        adapters = outputs.folder(out_dir)
         for name, part, lora in ((ENCODER, encoder, section.encoder_lora), (DECODER, decoder, section.decoder_lora)):
             if lora is not None:
-                part.save_pretrained(str(tmp / name))
-    metrics = {"trainable_parameters": trainable, **result.summary()}
-    write_json(metrics_path, metrics)
-    write_loss_curve(loss_curve_path, result)
+                part.save_pretrained(str(adapters / name))
+        write_json(outputs.path(metrics_path), metrics)
+        write_loss_curve(outputs.path(loss_curve_path), result)
     finish_scratch(scratch_dir)
     return metrics
 
