@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from latent_sft_core.analysis import ecr_at_k, path_posterior
 from latent_sft_core.chunking import ChunkedRow, read_chunked
-from latent_sft_core.config import ModelName, Params
+from latent_sft_core.config import ModelName, Params, check_top_k
 from latent_sft_core.errors import ArtifactError
 from latent_sft_core.inference import Decoded, LatentMode, decode
 from latent_sft_core.io import atomic_outputs, write_json
@@ -232,6 +232,8 @@ def evaluate(params: Params, chunked_dir: Path, model_dirs: dict[str, Path], out
     heatmap: list[dict] = []
     for name in section.models:
         model, tokenizer = load_model(model_dirs[name])
+        if name == "latent_sft":
+            check_top_k(params, model.get_input_embeddings().num_embeddings, model_dirs[name])
         tokenizer_id = tokenizer_fingerprint(tokenizer)
         results[name] = {}
         for split in splits:

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from latent_sft_core.chunking import read_chunked
-from latent_sft_core.config import Params
+from latent_sft_core.config import Params, check_top_k
 from latent_sft_core.errors import ArtifactError
 from latent_sft_core.io import atomic_outputs, write_json
 from latent_sft_core.layout import encoder_sequence, pad_sequences
@@ -46,6 +46,7 @@ def cache_soft_labels(params: Params, merged_dir: Path, chunked_dir: Path, out_d
     ids = special_ids(tokenizer)
     encoder = load_pretrained_model(merged_dir / "encoder").eval()
     decoder = load_pretrained_model(merged_dir / "decoder").eval()
+    check_top_k(params, decoder.get_input_embeddings().num_embeddings, merged_dir / "decoder")
     meta = SoftLabelMeta.for_run(
         params.latent,
         compression_rate=params.base.compression_rate,

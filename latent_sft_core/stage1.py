@@ -22,7 +22,7 @@ from typing import Literal
 from transformers import PreTrainedModel
 
 from latent_sft_core.chunking import read_chunked
-from latent_sft_core.config import Params
+from latent_sft_core.config import Params, check_top_k
 from latent_sft_core.errors import ArtifactError, DataError
 from latent_sft_core.io import atomic_dir, atomic_outputs, write_json
 from latent_sft_core.modeling import frozen, load_pretrained_model, merged, save_model, with_lora
@@ -107,6 +107,7 @@ def train_stage1(
     if not val:
         raise DataError(f"{chunked / 'val.parquet'}: the validation split is empty; phase 1 selects checkpoints on it")
     encoder, decoder = stage1_models(params, stage, inputs)
+    check_top_k(params, encoder.get_input_embeddings().weight.shape[0], inputs.base_dir)  # peft wraps the module
     model = Stage1Model(encoder, decoder, params.latent, params.base.top_k)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("%s: %d trainable parameters, %d train / %d validation rows", stage, trainable, len(train), len(val))
