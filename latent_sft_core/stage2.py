@@ -168,6 +168,9 @@ def _latent_rows(
         top_k=None if params.latent.full_vocab else params.base.top_k,
         tokenizer_fingerprint=tokenizer_id,
         encoder_fingerprint=encoder_id,
+        # the student decodes with this alpha definition at inference: its teacher must have used the same
+        temperature=params.latent.temperature,
+        projection=params.latent.projection,
     )
     return LatentDataset(rows, labels, ids, labels_dir / f"{split}.parquet")
 
