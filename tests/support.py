@@ -66,6 +66,44 @@ def micro_params_file_content() -> dict:
     return deep_merge(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), MICRO_PARAMS)
 
 
+# What a temporary copy of the project needs to run the pipeline under DVC (params.yaml is written apart).
+PROJECT_FILES = ["dvc.yaml", ".dvcignore", ".dvc/config", "latent_sft_core", "tasks"]
+
+
+def dvc(project: Path, *args: str) -> str:
+    """Run ``dvc *args`` in ``project`` (its stages with this interpreter) and return its output; fail on error."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(project)}
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def micro_project(root: Path) -> Path:
+    """A copy of the project in ``root`` on the micro configuration, with the repository's DVC settings
+    (analytics off, link cache), ready for ``dvc repro``."""
+    import shutil
+
+    import yaml
+
+    root.mkdir(parents=True, exist_ok=True)
+    dvc(root, "init", "--no-scm", "-q")
+    for name in PROJECT_FILES:
+        source = REPO_ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, root / name)
+    dvc(root, "config", "core.no_scm", "true")  # the repository's config replaced the one `init --no-scm` wrote
+    (root / "params.yaml").write_text(yaml.safe_dump(micro_params_file_content()))
+    return root
+
+
 SPECIAL_IDS = SpecialIds(think_open=2, think_close=3, latent=4, pad=0, end=1)
 
 
