@@ -66,6 +66,12 @@ def get_json(url: str):
         return json.load(response)
 
 
+def post_json(url: str, body: dict):
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
 def wait_for(url: str, process: subprocess.Popen, timeout_s: float = 180):
     """The JSON at ``url`` once it answers, failing early if ``process`` (which should serve it) exits."""
     deadline = time.monotonic() + timeout_s
@@ -125,6 +131,8 @@ def test_ui_shows_the_served_deployment_its_schedule_and_a_completed_run(prefect
     run_name = re.search(r"Created flow run '([\w-]+)'", run.stdout).group(1)
     run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
     assert (project / "data" / "raw" / "train.parquet").is_file()
+    logs = post_json(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}})
+    assert "Running stage 'prepare_data':" in [log["message"] for log in logs]  # the served run's stage output
 
     ui = api.removesuffix("/api")
     deployment_page = visible_text(dump_dom(f"{ui}/deployments/deployment/{deployment['id']}", tmp_path / "chromium"))
