@@ -15,8 +15,13 @@ export HF_HUB_OFFLINE ?= 1
 export DVC_NO_ANALYTICS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# Prefect keeps its database (SQLite), settings and logs in the project, not in ~/.prefect
+export PREFECT_HOME ?= $(abspath .prefect)
+PREFECT_PORT ?= 4200
+# `dvc plots show` template with vega inlined (flows/offline_plots.py; .dvc/config.local points DVC to it)
+PLOTS_TEMPLATE := .cache/dvc-plots/offline.html
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint clean server serve plots
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -24,7 +29,12 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -e ".[dev]"
 	touch $@
 
-install: $(BIN)/.installed
+# vega, vega-lite and vega-embed come from the npm registry once; the pipeline itself does not need them
+$(PLOTS_TEMPLATE): flows/offline_plots.py $(BIN)/.installed
+	@if command -v npm >/dev/null; then $(BIN)/python -m flows.offline_plots; \
+	else echo "npm not found: dvc plots show will load its charts from a CDN"; fi
+
+install: $(BIN)/.installed $(PLOTS_TEMPLATE)
 
 run: install
 	$(BIN)/dvc repro
@@ -34,6 +44,18 @@ test: install
 
 lint: install
 	$(BIN)/ruff check latent_sft_core tasks flows bench tests
+
+# The Prefect server and UI on http://127.0.0.1:$(PREFECT_PORT); the UI takes its API address from these settings
+server: install
+	PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_SERVER_API_PORT=$(PREFECT_PORT) $(BIN)/prefect server start
+
+# The pipeline deployment (cron schedule, one run at a time), served to the server above; runs execute here
+serve: install
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.serve
+
+# Loss curves and other plots as one HTML page that draws offline: dvc_plots/index.html
+plots: install
+	$(BIN)/dvc plots show
 
 clean:
 	rm -rf .scratch

@@ -306,7 +306,7 @@ class TrainLatentParams(Strict):
     lora: LoraParams = LoraParams()
     train: TrainParams = TrainParams(epochs=1.0, lr=1e-3, save_steps=100, logging_steps=20)
     ce_weight: float = Field(default=1.0, ge=0)
-    kl_weight: float = Field(default=1.0, ge=0)
+    kl_weight: float = Field(default=1.0, ge=0, description="latent term: KL, or MSE for hidden_state latents")
     loss_schedule: Literal["sum", "alternate"] = Field(
         default="sum", description="alternate: KL-only, CE-only and joint steps in turn (the paper's schedule)"
     )
@@ -383,6 +383,14 @@ class Params(Strict):
     cache_soft_labels: CacheSoftLabelsParams = CacheSoftLabelsParams()
     train_latent: TrainLatentParams = TrainLatentParams()
     evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="after")
+    def _gumbel_noise_needs_soft_embeddings(self) -> Params:
+        noisy = [key for key, gumbel in (("train_latent.gumbel", self.train_latent.gumbel),
+                                         ("evaluate.decoding.gumbel", self.evaluate.decoding.gumbel)) if gumbel.enabled]
+        if noisy and self.latent.kind == "hidden_state":
+            raise ValueError(f"{', '.join(noisy)}: Gumbel noise perturbs alpha; latent.kind 'hidden_state' has none")
+        return self
 
     @model_validator(mode="after")
     def _phase1_sections_train_their_models(self) -> Params:

@@ -222,9 +222,6 @@ def write_outputs(
 def evaluate(params: Params, chunked_dir: Path, model_dirs: dict[str, Path], outputs: EvaluationOutputs) -> dict:
     """The evaluate stage (module docstring). ``model_dirs`` maps every name in ``evaluate.models`` to a folder."""
     section = params.evaluate
-    if "latent_sft" in section.models and params.latent.kind == "hidden_state":
-        raise ArtifactError("latent.kind 'hidden_state' has no stage-2 latent model to evaluate (stage 2 needs "
-                            "soft_embedding); evaluate only cot_sft with evaluate.models: [cot_sft]")
     splits = evaluation_splits(params, chunked_dir)
     results: dict[str, dict[str, dict[str, float]]] = {}
     records: list[dict] = []

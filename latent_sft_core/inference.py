@@ -6,7 +6,8 @@ next-token logits of every row, and each row is in one of three states:
 * **latent** (latent model only): when its greedy token is ``</think>``, or it already took ``max_latent_steps``
   latents, the row feeds ``</think>`` and turns explicit; otherwise it feeds ``Z = alpha @ E`` with alpha made
   from its own logits exactly as in training (``soft_embedding.alpha_from_logits``: top-k or full vocabulary,
-  temperature), optionally perturbed by ``soft_embedding.gumbel_perturb``;
+  temperature), optionally perturbed by ``soft_embedding.gumbel_perturb`` (for the hidden-state ablation it
+  feeds its own final hidden state instead);
 * **explicit**: feeds the chosen token (greedy, or temperature / top-p sampling) and finishes on ``<end>`` or
   after ``max_new_tokens`` explicit tokens;
 * **finished**: feeds pad until the whole batch is done (its outputs are ignored).
@@ -36,10 +37,12 @@ class LatentMode:
 
     top_k: int | None  # None: the full vocabulary
     temperature: float = 1.0
+    hidden_state: bool = False  # the ablation: feed the final hidden state instead of alpha @ E
 
     @classmethod
     def from_params(cls, params: Params) -> LatentMode:
-        return cls(None if params.latent.full_vocab else params.base.top_k, params.latent.temperature)
+        return cls(None if params.latent.full_vocab else params.base.top_k, params.latent.temperature,
+                   params.latent.kind == "hidden_state")
 
 
 @dataclass(frozen=True)
@@ -136,14 +139,15 @@ def _decode_batch(
     rows = len(prompts)
     state = _BatchState(rows, latent is not None)
     cache = None
+    hidden_state = latent is not None and latent.hidden_state
     while True:
         if use_cache:
             output = model(inputs_embeds=step_inputs, attention_mask=attention, position_ids=positions,
-                           past_key_values=cache, use_cache=True)
+                           past_key_values=cache, use_cache=True, output_hidden_states=hidden_state)
             cache = output.past_key_values
         else:
             output = model(inputs_embeds=all_inputs, attention_mask=attention, position_ids=all_positions,
-                           use_cache=False)
+                           use_cache=False, output_hidden_states=hidden_state)
         logits = output.logits[:, -1].float()  # [B, V]
         greedy = logits.argmax(dim=-1).tolist()
         chosen = choose_tokens(logits, decoding.sampling, generator).tolist()
@@ -172,8 +176,11 @@ def _decode_batch(
         next_inputs = embedding(torch.tensor(next_tokens, device=device))  # [B, d]
         if thinking:
             selected = torch.tensor(thinking, device=device)
-            next_inputs[selected] = _latent_inputs(logits[selected], latent, decoding, embedding, generator).to(
-                next_inputs.dtype)
+            if hidden_state:
+                latents = output.hidden_states[-1][selected, -1]
+            else:
+                latents = _latent_inputs(logits[selected], latent, decoding, embedding, generator)
+            next_inputs[selected] = latents.to(next_inputs.dtype)
             probs, top_ids = torch.softmax(logits[selected], dim=-1).topk(min(keep_top, logits.shape[-1]), dim=-1)
             for row, row_ids, row_probs in zip(thinking, top_ids.tolist(), probs.tolist()):
                 state.latent_steps[row].append(LatentStep(tuple(row_ids), tuple(row_probs)))

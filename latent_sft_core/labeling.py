@@ -1,5 +1,7 @@
 """The cache_soft_labels stage: the merged encoder's alpha for every latent of every row, as Parquet.
 
+(For the hidden-state ablation, ``latent.kind: hidden_state``, the encoder's hidden state of every latent.)
+
 One packed encoder forward (induction mask) per batch; the top-k (or full) alpha at the LATENT positions is
 streamed into ``data/soft_labels/{split}.parquet`` (schema: ``latent_sft_core/soft_labels.py``). The file
 metadata names c, k, the alpha settings and fingerprints of the tokenizer and of the encoder, so stage 2
@@ -22,6 +24,7 @@ from latent_sft_core.io import atomic_outputs, write_json
 from latent_sft_core.layout import encoder_sequence, pad_sequences
 from latent_sft_core.modeling import load_pretrained_model
 from latent_sft_core.phase1 import encode_latents
+from latent_sft_core.soft_embedding import SparseAlpha
 from latent_sft_core.soft_labels import SoftLabelMeta, SoftLabelWriter, bytes_per_latent
 from latent_sft_core.text import load_tokenizer, special_ids, tokenizer_fingerprint
 from latent_sft_core.training import dir_digest
@@ -38,9 +41,6 @@ def encoder_fingerprint(merged_dir: Path) -> str:
 def cache_soft_labels(params: Params, merged_dir: Path, chunked_dir: Path, out_dir: Path, metrics_path: Path) -> dict:
     """Write the soft labels of every split in ``cache_soft_labels.splits``; returns and writes metrics."""
     section = params.cache_soft_labels
-    if params.latent.kind == "hidden_state":
-        raise ArtifactError("latent.kind 'hidden_state' feeds hidden states, not vocabulary mixtures: "
-                            "there are no soft labels to cache")
     merged_dir = Path(merged_dir)
     tokenizer = load_tokenizer(merged_dir / "encoder")
     ids = special_ids(tokenizer)
@@ -55,6 +55,7 @@ def cache_soft_labels(params: Params, merged_dir: Path, chunked_dir: Path, out_d
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         encoder_fingerprint=encoder_fingerprint(merged_dir),
         prob_dtype=section.prob_dtype,
+        hidden_size=decoder.config.hidden_size,
     )
     metrics: dict = {}
     with atomic_outputs() as outputs:
@@ -72,7 +73,9 @@ def cache_soft_labels(params: Params, merged_dir: Path, chunked_dir: Path, out_d
                     padded = pad_sequences([encoder_sequence(row, ids) for row in batch], ids.pad)
                     latents = encode_latents(encoder, decoder, params.latent, params.base.top_k,
                                              padded["input_ids"], padded["roles"])
-                    writer.write_alpha([row.id for row in batch], [row.num_chunks for row in batch], latents.alpha)
+                    # the hidden-state ablation's targets are the hidden states themselves (hidden mode, no ids)
+                    targets = SparseAlpha(ids=None, probs=latents.hidden) if latents.alpha is None else latents.alpha
+                    writer.write_alpha([row.id for row in batch], [row.num_chunks for row in batch], targets)
             seconds = time.perf_counter() - started
             latents_total = sum(row.num_chunks for row in rows)
             metrics[split] = {

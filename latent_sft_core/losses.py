@@ -54,17 +54,36 @@ def latent_kl(
     ``KL = sum_k q_k (log q_k - log p_student[id_k])``, with 0 log 0 = 0. Samples without latents are left out
     of the mean; a batch without any latent gives 0 (with a gradient path).
     """
-    predicting = torch.zeros_like(slot_mask)
-    predicting[:, :-1] = slot_mask[:, 1:]
-    student = torch.log_softmax(logits[predicting].float(), dim=-1)  # [M, V]
+    student = torch.log_softmax(logits[predicting_positions(slot_mask)].float(), dim=-1)  # [M, V]
     student_at = student if teacher_ids is None else student.gather(-1, teacher_ids)
     q = teacher_probs.float()
-    per_latent = (torch.xlogy(q, q) - q * student_at).sum(-1)  # [M]
-    sample_of_latent = torch.arange(slot_mask.shape[0], device=logits.device)[:, None].expand_as(slot_mask)[slot_mask]
+    return mean_per_sample((torch.xlogy(q, q) - q * student_at).sum(-1), slot_mask)
+
+
+def latent_mse(hidden: torch.Tensor, slot_mask: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
+    """The hidden-state ablation's latent loss: mean squared error between the student's final hidden state at
+    the position before each latent slot and the teacher's latent (the encoder's hidden state).
+
+    hidden [B, T, d] (after the final norm); slot_mask [B, T] bool (M slots); teacher_hidden [M, d] in slot
+    order. Mean over d per latent, then averaged like ``latent_kl`` (per sample, then over samples).
+    """
+    student = hidden[predicting_positions(slot_mask)].float()  # [M, d]
+    return mean_per_sample((student - teacher_hidden.float()).pow(2).mean(-1), slot_mask)
+
+
+def predicting_positions(slot_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the positions just before the slots (they predict the slots' latents)."""
+    predicting = torch.zeros_like(slot_mask)
+    predicting[:, :-1] = slot_mask[:, 1:]
+    return predicting
+
+
+def mean_per_sample(per_latent: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``per_latent`` [M] over each sample's latents, then over the samples that have any (0 if none)."""
+    sample_of_latent = torch.arange(slot_mask.shape[0], device=per_latent.device)[:, None].expand_as(slot_mask)[slot_mask]
     counts = slot_mask.sum(1)
-    per_sample = torch.zeros(slot_mask.shape[0], device=logits.device).index_add(0, sample_of_latent, per_latent)
-    with_latents = counts > 0
-    return masked_mean(per_sample / counts.clamp(min=1), with_latents)
+    per_sample = torch.zeros(slot_mask.shape[0], device=per_latent.device).index_add(0, sample_of_latent, per_latent)
+    return masked_mean(per_sample / counts.clamp(min=1), counts > 0)
 
 
 def stage2_losses(
@@ -75,13 +94,19 @@ def stage2_losses(
     teacher_probs: torch.Tensor,
     ce_weight: float,
     kl_weight: float,
+    hidden: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Stage 2: ``loss = ce_weight * CE + kl_weight * KL`` with both components (detached) for logging.
+    """Stage 2: ``loss = ce_weight * CE + kl_weight * latent term`` with both components (detached) for logging.
 
-    CE is the token mean NLL of the ANSWER side (``</think>``, answer, end); KL is ``latent_kl`` at the LATENT
-    slots. Shapes as in ``supervision_loss`` and ``latent_kl``.
+    CE is the token mean NLL of the ANSWER side (``</think>``, answer, end). The latent term is ``latent_kl``
+    at the LATENT slots ("kl_loss"), or, for the hidden-state ablation (``hidden`` [B, T, d] given, teacher_probs
+    then the teacher's hidden states [M, d]), ``latent_mse`` ("mse_loss"). Shapes as in ``supervision_loss``.
     """
     nll = token_nll(logits, labels)
     ce = masked_mean(nll, labels != IGNORE_INDEX)
-    kl = latent_kl(logits, roles == Role.LATENT, teacher_ids, teacher_probs)
-    return {"loss": ce_weight * ce + kl_weight * kl, "ce_loss": ce.detach(), "kl_loss": kl.detach()}
+    slots = roles == Role.LATENT
+    if hidden is None:
+        name, latent = "kl_loss", latent_kl(logits, slots, teacher_ids, teacher_probs)
+    else:
+        name, latent = "mse_loss", latent_mse(hidden, slots, teacher_probs)
+    return {"loss": ce_weight * ce + kl_weight * latent, "ce_loss": ce.detach(), name: latent.detach()}

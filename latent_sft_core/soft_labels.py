@@ -13,10 +13,15 @@ column          type                  meaning
 id              string                the sample's row id (as in the chunked data); unique
 num_latents     int32                 N, the sample's latents (may be 0)
 token_ids       list<int32>           top-k mode: N*k vocabulary ids, latent-major (latent 0's k ids,
-                                      then latent 1's, ...); full mode: empty (ids are implicit)
+                                      then latent 1's, ...); full and hidden modes: empty
 probs           list<float16|float32> N*k probabilities in the same order; full mode: N*V values,
-                                      value j of a latent is the probability of vocabulary id j
+                                      value j of a latent is the probability of vocabulary id j;
+                                      hidden mode: N*d values, each latent's hidden state
 ==============  ====================  ==============================================================
+
+Hidden mode serves the paper's hidden-state ablation (``latent.kind: hidden_state``): the encoder's final
+hidden state of each latent (what phase 1 fed the decoder) is the stage-2 target instead of alpha; k is then
+the hidden size d, and the values are not probabilities (no sum or sign checks).
 
 Probabilities are stored as given (alpha is already normalised over its k ids) and read back as float32
 without renormalising. Rounding to float16 changes every value p by at most ``max(2^-11 p, 2^-25)``
@@ -70,8 +75,15 @@ SUM_TOLERANCE = 1e-2  # a latent's probs must sum to 1 within this (bf16 alpha i
 COMPRESSION = "zstd"
 MAX_INT32 = np.iinfo(np.int32).max
 
-AlphaMode = Literal["topk", "full"]
+AlphaMode = Literal["topk", "full", "hidden"]
 ProbDtype = Literal["float16", "float32"]
+
+
+def alpha_mode(latent_kind: str, top_k: int | None) -> AlphaMode:
+    """How a run's latent targets are stored: hidden states, full-vocabulary alpha (``top_k=None``) or top-k."""
+    if latent_kind == "hidden_state":
+        return "hidden"
+    return "full" if top_k is None else "topk"
 
 
 def soft_label_schema(prob_dtype: ProbDtype) -> pa.Schema:
@@ -111,14 +123,15 @@ class SoftLabelMeta:
         problems = []
         if self.compression_rate < 1:
             problems.append(f"compression_rate must be >= 1, got {self.compression_rate}")
-        if self.alpha_mode not in ("topk", "full"):
-            problems.append(f"alpha_mode must be 'topk' or 'full', got {self.alpha_mode!r}")
+        if self.alpha_mode not in ("topk", "full", "hidden"):
+            problems.append(f"alpha_mode must be 'topk', 'full' or 'hidden', got {self.alpha_mode!r}")
         if self.k < 1:
             problems.append(f"k must be >= 1, got {self.k}")
         if not self.temperature > 0:
             problems.append(f"temperature must be > 0, got {self.temperature}")
-        if self.latent_kind != "soft_embedding":
-            problems.append(f"latent_kind {self.latent_kind!r} has no alpha to cache (only 'soft_embedding')")
+        if (self.latent_kind == "hidden_state") != (self.alpha_mode == "hidden"):
+            problems.append(f"latent_kind {self.latent_kind!r} does not go with alpha_mode {self.alpha_mode!r} "
+                            "(hidden_state latents are cached in hidden mode, soft embeddings as alpha)")
         if self.prob_dtype not in PROB_TYPES:
             problems.append(f"prob_dtype must be one of {sorted(PROB_TYPES)}, got {self.prob_dtype!r}")
         if self.vocab_size is not None and self.vocab_size < self.k:
@@ -141,13 +154,17 @@ class SoftLabelMeta:
         tokenizer_fingerprint: str,
         encoder_fingerprint: str,
         prob_dtype: ProbDtype = "float16",
+        hidden_size: int | None = None,
     ) -> SoftLabelMeta:
-        """The metadata of labels made with these latent params (full mode when ``latent.full_vocab``)."""
-        full = latent.full_vocab
+        """The metadata of labels made with these latent params (full mode when ``latent.full_vocab``, hidden
+        mode, with ``hidden_size`` values per latent, for ``latent.kind: hidden_state``)."""
+        mode = alpha_mode(latent.kind, None if latent.full_vocab else top_k)
+        if mode == "hidden" and hidden_size is None:
+            raise ValueError("hidden-state labels need the hidden size")
         return cls(
             compression_rate=compression_rate,
-            alpha_mode="full" if full else "topk",
-            k=vocab_size if full else top_k,
+            alpha_mode=mode,
+            k={"full": vocab_size, "topk": top_k, "hidden": hidden_size}[mode],
             temperature=latent.temperature,
             projection=latent.projection,
             latent_kind=latent.kind,
@@ -310,6 +327,10 @@ class SoftLabelWriter:
         probs_np = probs.detach().to("cpu", torch.float32).numpy()
         if not np.isfinite(probs_np).all():
             raise bad("probs contain NaN or inf")
+        if self.meta.alpha_mode == "hidden":
+            if ids is not None:
+                raise bad("hidden-state labels take ids=None")
+            return np.empty(0, dtype=np.int32), probs_np.astype(PROB_NUMPY[self.meta.prob_dtype])
         if (probs_np < 0).any():
             raise bad(f"probs contain negative values (min {probs_np.min()})")
         sums = probs_np.sum(axis=1, dtype=np.float64)
@@ -405,7 +426,7 @@ class SoftLabelReader:
         return self.meta.num_rows
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(ids LongTensor [N, k] or None in full mode, probs FloatTensor [N, k]) of row ``index``."""
+        """(ids LongTensor [N, k], or None in full and hidden modes, values FloatTensor [N, k]) of row ``index``."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"{self.path}: index {index} out of range for {len(self)} rows")
         index %= len(self)
@@ -416,7 +437,7 @@ class SoftLabelReader:
         shape = (int(group.num_latents[row]), self.meta.k)
         # astype copies: the tensors own their memory and do not pin the cached group
         probs = torch.from_numpy(group.probs[start:end].astype(np.float32)).view(shape)
-        if self.meta.alpha_mode == "full":
+        if self.meta.alpha_mode != "topk":
             return None, probs
         return torch.from_numpy(group.token_ids[start:end].astype(np.int64)).view(shape), probs
 
@@ -498,10 +519,11 @@ def open_soft_labels(
     vocab_size: int | None = None,
     temperature: float | None = None,
     projection: str | None = None,
+    latent_kind: str = "soft_embedding",
 ) -> SoftLabelReader:
     """A reader for ``path`` after checking that the cache was made for this run.
 
-    ``top_k=None`` expects full-vocabulary alpha. ``vocab_size``, ``temperature`` and ``projection`` are
+    ``top_k=None`` expects full-vocabulary alpha; ``latent_kind="hidden_state"`` expects hidden-state labels. ``vocab_size``, ``temperature`` and ``projection`` are
     compared when given (``vocab_size`` only with a cache that recorded it). ArtifactError names the file, the
     field, the cache's value and the expected one.
     """
@@ -509,11 +531,11 @@ def open_soft_labels(
     meta = reader.meta
     expected: list[tuple[str, object, object]] = [
         ("compression_rate", meta.compression_rate, compression_rate),
-        ("alpha_mode", meta.alpha_mode, "full" if top_k is None else "topk"),
+        ("alpha_mode", meta.alpha_mode, alpha_mode(latent_kind, top_k)),
         ("tokenizer_fingerprint", meta.tokenizer_fingerprint, tokenizer_fingerprint),
         ("encoder_fingerprint", meta.encoder_fingerprint, encoder_fingerprint),
     ]
-    if top_k is not None:
+    if top_k is not None and latent_kind != "hidden_state":
         expected.append(("k", meta.k, top_k))
     if vocab_size is not None and meta.vocab_size is not None:
         expected.append(("vocab_size", meta.vocab_size, vocab_size))

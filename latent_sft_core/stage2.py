@@ -4,7 +4,9 @@ Sequence ``[prompt] <think> Z_1 ... Z_N </think> [answer] <end>`` (plain causal 
 Z_j = alpha_j @ E with alpha_j the cached soft label of latent j (optionally Gumbel-perturbed; the perturbed
 alpha is then both the input mixture and the KL target) and E the LLM's own input embeddings (detached).
 Loss = ce_weight * CE(``</think>``, answer, end) + kl_weight * KL(alpha_j || student at the position before
-Z_j); with ``loss_schedule: alternate`` the steps cycle KL only, CE only, both.
+Z_j); with ``loss_schedule: alternate`` the steps cycle KL only, CE only, both. For the hidden-state ablation
+(``latent.kind: hidden_state``) the cached targets are the encoder's hidden states h_j: they are the inputs at
+the slots, and the latent term is the MSE between the student's final hidden state before slot j and h_j.
 
 Training runs through DeepSpeed ZeRO (stage 2 by default, 3 optional) when ``train_latent.deepspeed.enabled``;
 in one process by default, or under ``torchrun`` / ``deepspeed`` with several (only rank 0 writes outputs).
@@ -107,27 +109,36 @@ class LatentCollator:
         return inputs
 
 
-def latent_forward(model: PreTrainedModel, inputs: dict[str, torch.Tensor], ce_weight: float, kl_weight: float):
-    """Stage-2 losses for one padded batch (see ``LatentCollator`` for the inputs)."""
+def latent_forward(
+    model: PreTrainedModel, inputs: dict[str, torch.Tensor], ce_weight: float, kl_weight: float,
+    hidden_state: bool = False,
+):
+    """Stage-2 losses for one padded batch (see ``LatentCollator`` for the inputs); ``hidden_state``: the
+    teacher values are hidden states, fed as they are (the hidden-state ablation)."""
     embedding = model.get_input_embeddings()
     embeds = embedding(inputs["input_ids"])
     slots = inputs["roles"] == Role.LATENT
     teacher_ids = inputs.get("teacher_ids")
-    alpha = SparseAlpha(ids=teacher_ids, probs=inputs["teacher_probs"])
+    teacher = inputs["teacher_probs"]
     if bool(slots.any()):
         embeds = embeds.clone()
-        embeds[slots] = mix_embeddings(alpha, embedding).to(embeds.dtype)
-    logits = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], use_cache=False).logits
-    return stage2_losses(logits, inputs["labels"], inputs["roles"], teacher_ids, alpha.probs, ce_weight, kl_weight)
+        latents = teacher if hidden_state else mix_embeddings(SparseAlpha(ids=teacher_ids, probs=teacher), embedding)
+        embeds[slots] = latents.to(embeds.dtype)
+    output = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], use_cache=False,
+                   output_hidden_states=hidden_state)
+    return stage2_losses(output.logits, inputs["labels"], inputs["roles"], teacher_ids, teacher, ce_weight,
+                         kl_weight, hidden=output.hidden_states[-1] if hidden_state else None)
 
 
 class LatentTrainer(ComponentLoggingTrainer):
     """Computes the stage-2 loss; with ``schedule='alternate'`` training steps cycle KL, CE, both."""
 
-    def __init__(self, *args, ce_weight: float, kl_weight: float, schedule: str, **kwargs):
+    def __init__(self, *args, ce_weight: float, kl_weight: float, schedule: str, hidden_state: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.weights = (ce_weight, kl_weight)
         self.schedule = schedule
+        self.hidden_state = hidden_state
 
     def step_weights(self) -> tuple[float, float]:
         ce_weight, kl_weight = self.weights
@@ -136,7 +147,7 @@ class LatentTrainer(ComponentLoggingTrainer):
         return ((0.0, kl_weight), (ce_weight, 0.0), (ce_weight, kl_weight))[self.state.global_step % 3]
 
     def loss_outputs(self, model, inputs):
-        return latent_forward(model, inputs, *self.step_weights())
+        return latent_forward(model, inputs, *self.step_weights(), hidden_state=self.hidden_state)
 
 
 def ensure_distributed_env() -> None:
@@ -168,6 +179,7 @@ def _latent_rows(
         top_k=None if params.latent.full_vocab else params.base.top_k,
         tokenizer_fingerprint=tokenizer_id,
         encoder_fingerprint=encoder_id,
+        latent_kind=params.latent.kind,
         # the student decodes with this alpha definition at inference: its teacher must have used the same
         temperature=params.latent.temperature,
         projection=params.latent.projection,
@@ -187,8 +199,6 @@ def train_latent(
 ) -> dict | None:
     """Train stage 2 from the merged stage-1 decoder; rank 0 writes the merged model, metrics and curve."""
     section = params.train_latent
-    if params.latent.kind == "hidden_state":
-        raise ArtifactError("latent.kind 'hidden_state' has no vocabulary soft labels; stage 2 needs soft_embedding")
     decoder_dir = Path(merged_dir) / "decoder"
     tokenizer = load_tokenizer(decoder_dir)
     ids, tokenizer_id, encoder_id = special_ids(tokenizer), tokenizer_fingerprint(tokenizer), encoder_fingerprint(merged_dir)
@@ -220,7 +230,7 @@ def train_latent(
     )
     log.info("train_latent: rank %s of %s", os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1"))
     trainer_cls = partial(LatentTrainer, ce_weight=section.ce_weight, kl_weight=section.kl_weight,
-                          schedule=section.loss_schedule)
+                          schedule=section.loss_schedule, hidden_state=params.latent.kind == "hidden_state")
     result = run_training(model, train, collator, section.train, scratch_dir, params.base.seed, fingerprint,
                           trainer_cls=trainer_cls, eval_dataset=val, **overrides)
     trainer = result.trainer

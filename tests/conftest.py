@@ -1,4 +1,5 @@
-"""Shared test set-up: every test runs offline, without analytics; the micro pipeline is built once."""
+"""Shared test set-up: every test runs offline, without analytics; the micro pipeline and a Prefect API are
+started once per session."""
 
 import os
 
@@ -79,3 +80,15 @@ def latent_run(labelled_run):
                  root / "metrics" / "train_latent.json", root / "plots" / "train_latent.csv",
                  scratch_dir=root / "scratch" / "train_latent")
     return root, params
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A temporary Prefect API (SQLite) and Prefect home for the session: flows called in tests run against it."""
+    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings(updates={PREFECT_HOME: tmp_path_factory.mktemp("prefect_home")}):
+        # the server starts in ~12 s alone; leave room for a busy machine
+        with prefect_test_harness(server_startup_timeout=120):
+            yield

@@ -1,5 +1,6 @@
-"""Constants shared by tests: repository paths and the micro configuration."""
+"""Constants and helpers shared by tests: repository paths, the micro configuration, project copies, Prefect records."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from latent_sft_core.chunking import ChunkedRow, chunk_bounds
@@ -69,7 +70,7 @@ def micro_params_file_content() -> dict:
 
 
 # What a temporary copy of the project needs to run the pipeline under DVC (params.yaml is written apart).
-PROJECT_FILES = ["dvc.yaml", ".dvcignore", ".dvc/config", "latent_sft_core", "tasks"]
+PROJECT_FILES = ["dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/plots", "latent_sft_core", "tasks"]
 
 
 def dvc(project: Path, *args: str) -> str:
@@ -154,3 +155,49 @@ def run_until_killed(command: list[str], cwd: Path, marker: Path, timeout_s: flo
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
+
+
+@dataclass(frozen=True)
+class FlowRunRecord:
+    """What the Prefect API holds about one flow run: its task runs (in start order), logs and artifacts."""
+
+    task_runs: list
+    logs: list
+    artifacts: list
+
+    def task_run_names(self) -> list[str]:
+        return [task_run.name for task_run in self.task_runs]
+
+    def task_log(self, name: str) -> list[str]:
+        """The messages the task run called ``name`` logged, in order."""
+        (task_run,) = [task_run for task_run in self.task_runs if task_run.name == name]
+        return [log.message for log in self.logs if log.task_run_id == task_run.id]
+
+
+def flow_run_record(flow_run_id) -> FlowRunRecord:
+    """Read one flow run back from the Prefect API (after sending the logs still queued in this process)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    page = 200
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        logs: list = []
+        while True:  # the API answers at most one page at a time
+            batch = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=page,
+                                     offset=len(logs))
+            logs.extend(batch)
+            if len(batch) < page:
+                break
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return FlowRunRecord(sorted(task_runs, key=lambda task_run: task_run.start_time), logs, artifacts)

@@ -112,9 +112,6 @@ def test_bad_inputs_leave_no_outputs(latent_run, tmp_path):
     # the CoT-SFT model is evaluated before the latent model is found missing: still nothing is written
     with pytest.raises(ArtifactError, match=r"nowhere: no config\.json"):
         evaluate(params, root / "chunked", {"cot_sft": root / "base", "latent_sft": tmp_path / "nowhere"}, outputs)
-    hidden = parse_params(deep_merge(params.model_dump(mode="json"), {"latent": {"kind": "hidden_state"}}))
-    with pytest.raises(ArtifactError, match="hidden_state"):
-        evaluate(hidden, root / "chunked", model_dirs(root), outputs)
     other_c = parse_params(deep_merge(params.model_dump(mode="json"), {"base": {"compression_rate": 3}}))
     with pytest.raises(ArtifactError, match=r"test\.parquet: chunked with latent_sft.compression_rate=2 but this run expects 3"):
         evaluate(other_c, root / "chunked", model_dirs(root), outputs)

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from latent_sft_core.chunking import read_chunked
 from latent_sft_core.config import parse_params
 from latent_sft_core.errors import ArtifactError
+from latent_sft_core.evaluation import EvaluationOutputs, evaluate
 from latent_sft_core.labeling import cache_soft_labels, encoder_fingerprint
 from latent_sft_core.layout import encoder_sequence, pad_sequences
 from latent_sft_core.modeling import load_pretrained_model
@@ -98,6 +99,42 @@ def test_full_vocabulary_labels_and_gumbel_noise_train_too(labelled_run, tmp_pat
     assert metrics["steps"] == 12 and (tmp_path / "latent" / "model.safetensors").is_file()
     kl = [float(line.split(",")[-1]) for line in (tmp_path / "loss.csv").read_text().splitlines()[1:]]
     assert all(value > 0 for value in kl)
+
+
+def test_hidden_state_ablation_runs_through_phase_2_and_evaluation(labelled_run, tmp_path):
+    """latent.kind hidden_state: the cache holds the encoder's hidden states, stage 2 feeds them and regresses
+    the student's hidden state onto them, and the evaluation decodes by feeding its own hidden states."""
+    root, params, _ = labelled_run
+    hidden = parse_params(deep_merge(params.model_dump(mode="json"), {
+        "latent": {"kind": "hidden_state"}, "cache_soft_labels": {"prob_dtype": "float32"},
+        "train_latent": {"deepspeed": {"enabled": False}},
+        "evaluate": {"models": ["latent_sft"], "splits": ["test"], "max_rows": 4},
+    }))
+    cache_soft_labels(hidden, root / "merged", root / "chunked", tmp_path / "labels", tmp_path / "cache.json")
+    tokenizer = load_tokenizer(root / "merged" / "encoder")
+    reader = open_soft_labels(tmp_path / "labels" / "train.parquet", compression_rate=2, top_k=params.base.top_k,
+                              tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                              encoder_fingerprint=encoder_fingerprint(root / "merged"), latent_kind="hidden_state")
+    row = next(r for r in read_chunked(root / "chunked" / "train.parquet") if r.num_chunks)
+    ids, values = reader.by_id(row.id)
+    encoder = load_pretrained_model(root / "merged" / "encoder")
+    decoder = load_pretrained_model(root / "merged" / "decoder")
+    padded = pad_sequences([encoder_sequence(row, special_ids(tokenizer))], special_ids(tokenizer).pad)
+    with torch.no_grad():
+        expected = encode_latents(encoder, decoder, hidden.latent, hidden.base.top_k, padded["input_ids"],
+                                  padded["roles"]).hidden
+    assert ids is None and values.shape == (row.num_chunks, decoder.config.hidden_size)
+    torch.testing.assert_close(values, expected, atol=1e-5, rtol=1e-5)
+
+    metrics = train_latent(hidden, root / "merged", root / "chunked", tmp_path / "labels", tmp_path / "latent",
+                           tmp_path / "m.json", tmp_path / "loss.csv", scratch_dir=tmp_path / "scratch")
+    header, *lines = (tmp_path / "loss.csv").read_text().splitlines()
+    assert "mse_loss" in header.split(",") and "kl_loss" not in header.split(",")
+    losses = [float(line.split(",")[1]) for line in lines]
+    assert metrics["steps"] == 12 and losses[-1] < losses[0]
+    outputs = EvaluationOutputs(*(tmp_path / name for name in ("e.json", "r.md", "p.parquet", "ecr.csv", "h.json")))
+    results = evaluate(hidden, root / "chunked", {"latent_sft": tmp_path / "latent"}, outputs)
+    assert results["latent_sft"]["test"]["rows"] == 4 and outputs.predictions.is_file()
 
 
 def test_labels_from_another_run_are_refused(labelled_run, tmp_path):

@@ -2,55 +2,29 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from latent_sft_core import paths
-from tests.support import REPO_ROOT, micro_params_file_content
+from tests.support import dvc
 
 pytestmark = pytest.mark.pipeline
 
-PROJECT_FILES = ["dvc.yaml", ".dvcignore", "latent_sft_core", "tasks"]
 
-
-def dvc(project: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(project)}
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True,
-                            text=True)
-    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("project")
-    for name in PROJECT_FILES:
-        source = REPO_ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, root / name)
-    (root / "params.yaml").write_text(yaml.safe_dump(micro_params_file_content()))
-    dvc(root, "init", "--no-scm", "-q")
-    shutil.copytree(REPO_ROOT / ".dvc" / "plots", root / ".dvc" / "plots")
-    dvc(root, "config", "core.analytics", "false")
-    return root
+@pytest.fixture
+def project(built_micro_project) -> Path:
+    return built_micro_project.root
 
 
 def ran_stages(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
 
-def test_repro_runs_every_stage_then_nothing(project):
+def test_repro_runs_every_stage_then_nothing(built_micro_project, project):
     stages = set(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
-    assert ran_stages(dvc(project, "repro")) == stages
+    assert ran_stages(built_micro_project.first_repro) == stages
     for out in (paths.RAW_DIR / "train.parquet", paths.TOKENIZER_DIR / "tokenizer.json",
                 paths.CHUNKED_DIR / "test.parquet", paths.BASE_MODEL_DIR / "model.safetensors",
                 paths.METRICS_DIR / "chunk.json", paths.METRICS_DIR / "base_model.json",
@@ -66,6 +40,12 @@ def test_repro_runs_every_stage_then_nothing(project):
     assert "val_pass@1" in metrics and "mean_chain_tokens" in metrics and "latent_sft.test.ecr@1" in metrics
     vega = dvc(project, "plots", "show", "--show-vega", "plots/latent_top_tokens.json")
     assert '"layer"' in vega and '"latent_step"' in vega  # the heat-map template, filled
+
+
+def test_outputs_are_links_into_the_cache_not_second_copies(project):
+    for out in (paths.RAW_DIR / "train.parquet", paths.BASE_MODEL_DIR / "model.safetensors",
+                paths.LATENT_MODEL_DIR / "model.safetensors"):
+        assert (project / out).stat().st_nlink >= 2, f"{out} is a copy of its cache entry"
 
 
 PHASE1 = {"train_encoder", "train_decoder", "train_joint", "merge_lora"}

@@ -60,6 +60,10 @@ def test_bad_choice_lists_allowed_values():
         ({"base": {"text": {"answer_template": "no slot"}}}, "{answer}"),
         ({"prepare_data": {"on_bad_row": "ignore"}}, "prepare_data.on_bad_row"),
         ({"base_model": {"skip_sft": True}}, "skip_sft needs base.model.source 'path'"),
+        ({"latent": {"kind": "hidden_state"}, "evaluate": {"decoding": {"gumbel": {"enabled": True}}}},
+         "evaluate.decoding.gumbel: Gumbel noise perturbs alpha"),
+        ({"evaluate": {"ecr_k": [1, 200]}}, "ecr_k values must be in 1..analysis_top_k (100)"),
+        ({"evaluate": {"models": ["cot_sft", "cot_sft"]}}, "models lists a model twice"),
     ],
 )
 def test_bad_values_name_the_key(section, expected):

@@ -124,6 +124,25 @@ def test_latent_step_feeds_alpha_times_embeddings(model):
     assert step.ids[0] == int(probs.argmax()) and decoded.reasoning_ids[1] == int(second.argmax())
 
 
+def test_hidden_state_latents_feed_the_last_hidden_state(model):
+    """The ablation feeds the final hidden state (after the norm) back as the next input."""
+    prompt = PROMPTS[3]
+    latent = LatentMode(top_k=4, hidden_state=True)
+    wrapped = CloseThinkingAt(model, position=10**6)
+    decoded = decode(wrapped, [prompt], IDS, settings(max_latent_steps=2), latent, keep_top=VOCAB, progress=False)[0]
+    recomputed = decode(wrapped, [prompt], IDS, settings(max_latent_steps=2), latent, keep_top=VOCAB,
+                        use_cache=False, progress=False)
+    assert comparable([decoded]) == comparable(recomputed)
+    prefix = model.get_input_embeddings()(torch.tensor([[*prompt, IDS.think_open]]))
+    with torch.no_grad():
+        h = model.model(inputs_embeds=prefix).last_hidden_state[:, -1:]
+        second = model(inputs_embeds=torch.cat([prefix, h], dim=1)).logits[0, -1].float()
+    second[IDS.think_close] = -1e4
+    probs = torch.softmax(second, dim=-1)
+    assert list(decoded.latent_steps[1].probs) == pytest.approx(probs[list(decoded.latent_steps[1].ids)].tolist(),
+                                                                abs=1e-9)
+
+
 def test_explicit_decoding_equals_transformers_generate(model):
     decoded = decode(model, PROMPTS, IDS, settings(max_new_tokens=7), None, progress=False)
     for prompt, d in zip(PROMPTS, decoded):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from latent_sft_core.layout import IGNORE_INDEX
-from latent_sft_core.losses import latent_kl, stage2_losses, supervision_loss, token_nll
+from latent_sft_core.losses import latent_kl, latent_mse, stage2_losses, supervision_loss, token_nll
 from latent_sft_core.masks import Role
 from latent_sft_core.soft_embedding import gumbel_perturb
 
@@ -73,6 +73,20 @@ def test_stage2_losses_weights_and_gradient():
     torch.testing.assert_close(out["ce_loss"], expected_ce.detach())
     out["loss"].backward()
     assert logits.grad[0, 1].abs().sum() > 0  # the position before the latent slot receives the KL gradient
+
+
+def test_latent_mse_compares_the_hidden_state_before_each_slot():
+    # sample 0: slots at 2 and 3 (predicted from positions 1 and 2); sample 1: no latent
+    slots = torch.tensor([[False, False, True, True], [False, False, False, False]])
+    hidden = torch.zeros(2, 4, 2)
+    hidden[0, 1] = torch.tensor([1.0, 2.0])
+    hidden[0, 2] = torch.tensor([0.0, 0.0])
+    teacher = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
+    # latent 1: ((1-1)^2 + (2-0)^2) / 2 = 2; latent 2: (9 + 16) / 2 = 12.5; sample mean 7.25; sample 1 left out
+    assert latent_mse(hidden, slots, teacher).item() == pytest.approx(7.25)
+    weighted = stage2_losses(torch.zeros(2, 4, 5), torch.full((2, 4), IGNORE_INDEX), torch.where(slots, Role.LATENT, 0),
+                             None, teacher, ce_weight=1.0, kl_weight=2.0, hidden=hidden)
+    assert set(weighted) == {"loss", "ce_loss", "mse_loss"} and weighted["loss"].item() == pytest.approx(14.5)
 
 
 def test_gumbel_is_identity_without_noise_and_keeps_support():

@@ -160,6 +160,33 @@ def test_full_vocabulary_round_trip(tmp_path):
         open_soft_labels(path, **RUN)
 
 
+def test_hidden_state_targets_round_trip(tmp_path):
+    """The hidden-state ablation stores each latent's hidden state: any real values, no ids, width d."""
+    hidden_size = 6
+    meta = SoftLabelMeta.for_run(
+        LatentParams(kind="hidden_state"), compression_rate=2, top_k=K, vocab_size=VOCAB,
+        tokenizer_fingerprint="tok-abc", encoder_fingerprint="enc-123", prob_dtype="float32", hidden_size=hidden_size,
+    )
+    assert (meta.alpha_mode, meta.k, meta.latent_kind) == ("hidden", hidden_size, "hidden_state")
+    values = [torch.randn(n, hidden_size, generator=torch.Generator().manual_seed(n)) * 5 for n in (3, 0, 2)]
+    path = tmp_path / "hidden.parquet"
+    with SoftLabelWriter(path, meta) as writer:
+        writer.write_batch(["a", "b", "c"], [None] * 3, values)
+        with pytest.raises(ValueError, match="'d'.*ids=None"):
+            writer.write("d", torch.zeros(1, hidden_size, dtype=torch.long), values[0][:1])
+    reader = open_soft_labels(path, **RUN, latent_kind="hidden_state")
+    for index, expected in enumerate(values):
+        ids, got = reader[index]
+        assert ids is None and torch.equal(got, expected)  # float32: exact; negative values kept
+    with pytest.raises(ArtifactError, match="alpha_mode=hidden.*alpha_mode=topk"):
+        open_soft_labels(path, **RUN)
+    write_cache(tmp_path / "topk.parquet", 2)
+    with pytest.raises(ArtifactError, match="alpha_mode=topk.*alpha_mode=hidden"):
+        open_soft_labels(tmp_path / "topk.parquet", **RUN, latent_kind="hidden_state")
+    with pytest.raises(ValueError, match="latent_kind 'soft_embedding' does not go with alpha_mode 'hidden'"):
+        replace(meta, latent_kind="soft_embedding")
+
+
 def test_metadata_round_trip():
     metadata = META.to_metadata()
     assert all(key.startswith(b"latent_sft.") for key in metadata)
