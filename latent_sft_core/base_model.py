@@ -13,7 +13,7 @@ from latent_sft_core.chunking import ChunkedRow, chunk_examples
 from latent_sft_core.config import DecodingParams, Params
 from latent_sft_core.data.schema import read_examples
 from latent_sft_core.inference import decode
-from latent_sft_core.io import write_json
+from latent_sft_core.io import atomic_outputs, write_json
 from latent_sft_core.layout import cot_sft_sequence
 from latent_sft_core.modeling import load_base_model, save_model
 from latent_sft_core.scoring import answer_text, pass_at_1
@@ -77,10 +77,12 @@ def train_base_model(
     metrics = {"parameters": n_params, **validation_metrics(params, raw_dir, tokenizer, model)}
     if result is not None:
         metrics |= result.summary()
-    save_model(model, tokenizer, out_dir)
-    write_json(metrics_path, metrics)
+    with atomic_outputs() as outputs:
+        save_model(model, tokenizer, outputs.path(out_dir))
+        write_json(outputs.path(metrics_path), metrics)
+        if result is not None:
+            write_loss_curve(outputs.path(loss_curve_path), result)
     if result is not None:
-        write_loss_curve(loss_curve_path, result)
         finish_scratch(scratch_dir)
     return metrics
 

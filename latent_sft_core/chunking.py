@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 from latent_sft_core.config import Params
 from latent_sft_core.data.schema import Example, read_examples
 from latent_sft_core.errors import ArtifactError
-from latent_sft_core.io import atomic_dir, write_json
+from latent_sft_core.io import atomic_outputs, write_json
 from latent_sft_core.layout import cot_sft_sequence
 from latent_sft_core.text import (
     SpecialIds,
@@ -168,13 +168,14 @@ def chunk_dataset(params: Params, raw_dir: Path, tokenizer_dir: Path, out_dir: P
         META_TEMPLATE: params.base.text.template.encode(),
     }
     stats: dict[str, dict[str, float]] = {}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_outputs() as outputs:
+        folder = outputs.folder(out_dir)
         for raw_file in raw_files:
             split = raw_file.stem
             rows = chunk_examples(read_examples(raw_file), tokenizer, text_format, c, description=split)
-            pq.write_table(rows_to_table(rows, metadata), tmp / f"{split}.parquet")
+            pq.write_table(rows_to_table(rows, metadata), folder / f"{split}.parquet")
             stats[split] = split_stats(rows, special_ids(tokenizer))
-    write_json(metrics_path, {"compression_rate": c, **stats})
+        write_json(outputs.path(metrics_path), {"compression_rate": c, **stats})
     return stats
 
 

@@ -409,6 +409,14 @@ class Params(Strict):
         return self
 
 
+def check_top_k(params: Params, vocab_size: int, model_dir: Path | str) -> None:
+    """``base.top_k`` must fit the vocabulary of the model it selects tokens from, known once a model is loaded."""
+    uses_top_k = params.latent.kind == "soft_embedding" and not params.latent.full_vocab
+    if uses_top_k and params.base.top_k > vocab_size:
+        raise ParamsError(f"base.top_k={params.base.top_k} is larger than the vocabulary of {model_dir} "
+                          f"({vocab_size} tokens); set base.top_k to at most {vocab_size}")
+
+
 def _format_validation_error(path: Path, error: ValidationError) -> str:
     lines = [f"{path}: invalid parameters"]
     for item in error.errors():

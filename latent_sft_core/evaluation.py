@@ -25,10 +25,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from latent_sft_core.analysis import ecr_at_k, path_posterior
 from latent_sft_core.chunking import ChunkedRow, read_chunked
-from latent_sft_core.config import ModelName, Params
+from latent_sft_core.config import ModelName, Params, check_top_k
 from latent_sft_core.errors import ArtifactError
 from latent_sft_core.inference import Decoded, LatentMode, decode
-from latent_sft_core.io import atomic_path, write_json
+from latent_sft_core.io import atomic_outputs, write_json
 from latent_sft_core.modeling import load_model
 from latent_sft_core.scoring import answer_text, is_correct
 from latent_sft_core.text import TextFormat, encode, special_ids, tokenizer_fingerprint
@@ -201,24 +201,22 @@ def _table_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
 def write_outputs(
     outputs: EvaluationOutputs, results: dict, report: str, records: list[dict], ecr_curve: list[dict],
     heatmap: list[dict],
 ) -> None:
-    with atomic_path(outputs.predictions) as tmp:
-        pq.write_table(pa.Table.from_pylist(records, schema=PREDICTION_SCHEMA), tmp, compression="zstd")
-    with atomic_path(outputs.ecr_plot) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["k", "ecr"])
-        writer.writeheader()
-        writer.writerows(ecr_curve)
-    _write_text(outputs.heatmap_plot, json.dumps(heatmap, indent=1, ensure_ascii=False) + "\n")
-    _write_text(outputs.report, report)
-    write_json(outputs.metrics, results)
+    """All five outputs, or none of them."""
+    with atomic_outputs() as staged:
+        pq.write_table(pa.Table.from_pylist(records, schema=PREDICTION_SCHEMA), staged.path(outputs.predictions),
+                       compression="zstd")
+        with staged.path(outputs.ecr_plot).open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["k", "ecr"])
+            writer.writeheader()
+            writer.writerows(ecr_curve)
+        staged.path(outputs.heatmap_plot).write_text(json.dumps(heatmap, indent=1, ensure_ascii=False) + "\n",
+                                                     encoding="utf-8")
+        staged.path(outputs.report).write_text(report, encoding="utf-8")
+        write_json(staged.path(outputs.metrics), results)
 
 
 def evaluate(params: Params, chunked_dir: Path, model_dirs: dict[str, Path], outputs: EvaluationOutputs) -> dict:
@@ -231,6 +229,8 @@ def evaluate(params: Params, chunked_dir: Path, model_dirs: dict[str, Path], out
     heatmap: list[dict] = []
     for name in section.models:
         model, tokenizer = load_model(model_dirs[name])
+        if name == "latent_sft":
+            check_top_k(params, model.get_input_embeddings().num_embeddings, model_dirs[name])
         tokenizer_id = tokenizer_fingerprint(tokenizer)
         results[name] = {}
         for split in splits:

@@ -18,9 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from latent_sft_core.chunking import read_chunked
-from latent_sft_core.config import Params
+from latent_sft_core.config import Params, check_top_k
 from latent_sft_core.errors import ArtifactError
-from latent_sft_core.io import atomic_dir, write_json
+from latent_sft_core.io import atomic_outputs, write_json
 from latent_sft_core.layout import encoder_sequence, pad_sequences
 from latent_sft_core.modeling import load_pretrained_model
 from latent_sft_core.phase1 import encode_latents
@@ -46,6 +46,7 @@ def cache_soft_labels(params: Params, merged_dir: Path, chunked_dir: Path, out_d
     ids = special_ids(tokenizer)
     encoder = load_pretrained_model(merged_dir / "encoder").eval()
     decoder = load_pretrained_model(merged_dir / "decoder").eval()
+    check_top_k(params, decoder.get_input_embeddings().num_embeddings, merged_dir / "decoder")
     meta = SoftLabelMeta.for_run(
         params.latent,
         compression_rate=params.base.compression_rate,
@@ -57,14 +58,15 @@ def cache_soft_labels(params: Params, merged_dir: Path, chunked_dir: Path, out_d
         hidden_size=decoder.config.hidden_size,
     )
     metrics: dict = {}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_outputs() as outputs:
+        labels_dir = outputs.folder(out_dir)
         for split in section.splits:
             source = Path(chunked_dir) / f"{split}.parquet"
             if not source.is_file():
                 raise ArtifactError(f"{source}: no such chunked split (cache_soft_labels.splits names '{split}')")
             rows = read_chunked(source, params.base.compression_rate, meta.tokenizer_fingerprint)[: section.max_rows]
             started = time.perf_counter()
-            with SoftLabelWriter(tmp / f"{split}.parquet", meta, section.row_group_rows) as writer:
+            with SoftLabelWriter(labels_dir / f"{split}.parquet", meta, section.row_group_rows) as writer:
                 starts = range(0, len(rows), section.batch_size)
                 for start in tqdm(starts, desc=f"soft labels {split}", unit="batch"):
                     batch = rows[start : start + section.batch_size]
@@ -79,9 +81,9 @@ def cache_soft_labels(params: Params, merged_dir: Path, chunked_dir: Path, out_d
             metrics[split] = {
                 "rows": len(rows),
                 "latents": latents_total,
-                "bytes_per_latent": round(bytes_per_latent(tmp / f"{split}.parquet"), 2) if latents_total else None,
+                "bytes_per_latent": round(bytes_per_latent(labels_dir / f"{split}.parquet"), 2) if latents_total else None,
                 "latents_per_second": round(latents_total / seconds, 1) if seconds else None,
             }
             log.info("%s: %s", split, metrics[split])
-    write_json(metrics_path, metrics)
+        write_json(outputs.path(metrics_path), metrics)
     return metrics

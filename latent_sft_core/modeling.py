@@ -94,6 +94,8 @@ def merged(model: PreTrainedModel, adapter_dir: Path | str) -> PreTrainedModel:
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ArtifactError(f"{adapter_dir}: no peft adapter here (missing adapter_config.json)")
+    # peft would fall back to adapter_model.bin, a pickle
+    _check_weights(adapter_dir)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")  # see with_lora
         return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()

@@ -22,9 +22,9 @@ from typing import Literal
 from transformers import PreTrainedModel
 
 from latent_sft_core.chunking import read_chunked
-from latent_sft_core.config import Params
+from latent_sft_core.config import Params, check_top_k
 from latent_sft_core.errors import ArtifactError, DataError
-from latent_sft_core.io import atomic_dir, write_json
+from latent_sft_core.io import atomic_dir, atomic_outputs, write_json
 from latent_sft_core.modeling import frozen, load_pretrained_model, merged, save_model, with_lora
 from latent_sft_core.phase1 import Stage1Collator, Stage1Model, stage1_example
 from latent_sft_core.text import SpecialIds, load_tokenizer, special_ids, tokenizer_fingerprint
@@ -107,6 +107,7 @@ def train_stage1(
     if not val:
         raise DataError(f"{chunked / 'val.parquet'}: the validation split is empty; phase 1 selects checkpoints on it")
     encoder, decoder = stage1_models(params, stage, inputs)
+    check_top_k(params, encoder.get_input_embeddings().weight.shape[0], inputs.base_dir)  # peft wraps the module
     model = Stage1Model(encoder, decoder, params.latent, params.base.top_k)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("%s: %d trainable parameters, %d train / %d validation rows", stage, trainable, len(train), len(val))
@@ -122,13 +123,14 @@ def train_stage1(
         model, SequenceDataset(train), Stage1Collator(ids.pad), section.train, scratch_dir,
         params.base.seed, fingerprint, trainer_cls=TrainableStateTrainer, eval_dataset=SequenceDataset(val),
     )
-    with atomic_dir(out_dir) as tmp:
+    metrics = {"trainable_parameters": trainable, **result.summary()}
+    with atomic_outputs() as outputs:
+        adapters = outputs.folder(out_dir)
         for name, part, lora in ((ENCODER, encoder, section.encoder_lora), (DECODER, decoder, section.decoder_lora)):
             if lora is not None:
-                part.save_pretrained(str(tmp / name))
-    metrics = {"trainable_parameters": trainable, **result.summary()}
-    write_json(metrics_path, metrics)
-    write_loss_curve(loss_curve_path, result)
+                part.save_pretrained(str(adapters / name))
+        write_json(outputs.path(metrics_path), metrics)
+        write_loss_curve(outputs.path(loss_curve_path), result)
     finish_scratch(scratch_dir)
     return metrics
 

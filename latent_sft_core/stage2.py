@@ -31,7 +31,7 @@ from latent_sft_core.chunking import ChunkedRow, read_chunked
 from latent_sft_core.config import Params
 from latent_sft_core.deepspeed_config import deepspeed_config
 from latent_sft_core.errors import ArtifactError, DataError
-from latent_sft_core.io import write_json
+from latent_sft_core.io import atomic_outputs, write_json
 from latent_sft_core.labeling import encoder_fingerprint
 from latent_sft_core.layout import TokenSequence, labels_from_roles, pad_sequences, stage2_sequence
 from latent_sft_core.losses import stage2_losses
@@ -180,6 +180,9 @@ def _latent_rows(
         tokenizer_fingerprint=tokenizer_id,
         encoder_fingerprint=encoder_id,
         latent_kind=params.latent.kind,
+        # the student decodes with this alpha definition at inference: its teacher must have used the same
+        temperature=params.latent.temperature,
+        projection=params.latent.projection,
     )
     return LatentDataset(rows, labels, ids, labels_dir / f"{split}.parquet")
 
@@ -246,9 +249,10 @@ def train_latent(
         final = merged(load_pretrained_model(decoder_dir), final_dir)
     else:
         final = load_pretrained_model(final_dir)
-    save_model(final, tokenizer, out_dir)
-    write_json(metrics_path, metrics)
-    write_loss_curve(loss_curve_path, result)
+    with atomic_outputs() as outputs:
+        save_model(final, tokenizer, outputs.path(out_dir))
+        write_json(outputs.path(metrics_path), metrics)
+        write_loss_curve(outputs.path(loss_curve_path), result)
     finish_scratch(scratch_dir)
     return metrics
 

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from latent_sft_core.base_model import train_base_model
 from latent_sft_core.chunking import read_chunked
 from latent_sft_core.errors import ArtifactError, DataError
 from latent_sft_core.text import special_ids, tokenizer_fingerprint
-from tests.support import MICRO_PARAMS, run_until_killed, subprocess_environment
 
 pytestmark = pytest.mark.integration
 
@@ -89,52 +83,6 @@ def test_missing_tokenizer_is_a_clear_error(micro_run, tmp_path):
     with pytest.raises(ArtifactError, match="no tokenizer here"):
         train_base_model(params, root / "raw", tmp_path / "nothing", tmp_path / "out", tmp_path / "m.json",
                          tmp_path / "l.csv", scratch_dir=tmp_path / "scratch")
-
-
-def _stage_command(workdir: Path, root: Path) -> list[str]:
-    return [
-        sys.executable, "-m", "tasks.base_model", "--params", str(workdir / "params.yaml"),
-        "--raw", str(root / "raw"), "--tokenizer", str(root / "tokenizer"), "--out", str(workdir / "base"),
-        "--metrics", str(workdir / "metrics.json"), "--loss-curve", str(workdir / "loss.csv"),
-    ]
-
-
-def test_killed_stage_resumes_to_the_same_model(micro_run, tmp_path):
-    """SIGKILL after the first checkpoint; the rerun resumes from it and ends with the uninterrupted weights."""
-    root, _, _ = micro_run
-    micro = json.loads(json.dumps(MICRO_PARAMS))
-    # slow enough steps that the kill lands between the first checkpoint and the end
-    micro["base_model"]["tiny"] |= {"hidden_size": 64, "intermediate_size": 256, "num_layers": 2}
-    micro["base_model"]["train"] |= {"max_steps": 48, "save_steps": 8, "batch_size": 32}
-    micro["base_model"]["eval_rows"] = 0
-    runs = {}
-    for name in ("straight", "killed"):
-        workdir = tmp_path / name
-        workdir.mkdir()
-        (workdir / "params.yaml").write_text(yaml.safe_dump(micro))
-        runs[name] = workdir
-
-    subprocess.run(_stage_command(runs["straight"], root), cwd=runs["straight"], env=subprocess_environment(),
-                   check=True, capture_output=True)
-
-    killed = runs["killed"]
-    state = killed / ".scratch" / "base_model" / "checkpoint-8" / "trainer_state.json"
-    run_until_killed(_stage_command(killed, root), killed, state)
-    assert state.exists(), "no checkpoint before the kill"
-    assert not (killed / "base").exists(), "the stage finished before it could be killed"
-
-    rerun = subprocess.run(_stage_command(killed, root), cwd=killed, env=subprocess_environment(), capture_output=True,
-                           text=True, check=True)
-    assert "resuming from" in rerun.stderr and "checkpoint-" in rerun.stderr
-    straight_weights = load_file(runs["straight"] / "base" / "model.safetensors")
-    resumed_weights = load_file(killed / "base" / "model.safetensors")
-    assert straight_weights.keys() == resumed_weights.keys()
-    for name, tensor in straight_weights.items():
-        torch.testing.assert_close(resumed_weights[name], tensor, rtol=0, atol=1e-6, msg=name)
-    straight_metrics = json.loads((runs["straight"] / "metrics.json").read_text())
-    resumed_metrics = json.loads((killed / "metrics.json").read_text())
-    assert resumed_metrics["steps"] == straight_metrics["steps"] == 48
-    assert resumed_metrics["final_loss"] == pytest.approx(straight_metrics["final_loss"], abs=1e-6)
 
 
 def test_changed_params_discard_stale_checkpoints(tmp_path):

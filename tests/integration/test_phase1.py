@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from latent_sft_core.chunking import read_chunked
@@ -23,7 +22,7 @@ from latent_sft_core.phase1 import (
     encode_latents,
     stage1_example,
 )
-from latent_sft_core.stage1 import DECODER, ENCODER, Stage1Inputs, stage1_models, train_stage1
+from latent_sft_core.stage1 import DECODER, ENCODER, Stage1Inputs, stage1_models
 from latent_sft_core.text import load_tokenizer, special_ids
 from latent_sft_core.training import SequenceDataset, TrainableStateTrainer, run_training
 from tests.support import STAGE1_STAGES as STAGES
@@ -146,38 +145,6 @@ def test_latent_count_mismatch_is_refused(micro_run):
     base = load_pretrained_model(root / "base")
     with pytest.raises(ValueError, match="latent slots"):
         embed_with_latents(base, batch["input_ids"], batch["roles"], torch.zeros(1, base.config.hidden_size))
-
-
-def test_killed_training_resumes_to_the_same_adapter(micro_run, tmp_path, monkeypatch):
-    root, params, _ = micro_run
-
-    class Killed(Exception):
-        pass
-
-    original = TrainableStateTrainer._save_checkpoint
-
-    def save_then_die(self, model, trial):
-        original(self, model, trial)
-        if self.state.global_step == 6:
-            raise Killed
-
-    def run(out, scratch):
-        return train_stage1(params, "train_encoder", inputs_for(root, "train_encoder"), out, tmp_path / "m.json",
-                            tmp_path / "l.csv", scratch_dir=scratch)
-
-    run(tmp_path / "straight", tmp_path / "scratch_straight")
-    monkeypatch.setattr(TrainableStateTrainer, "_save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        run(tmp_path / "resumed", tmp_path / "scratch_resumed")
-    assert (tmp_path / "scratch_resumed" / "checkpoint-6").is_dir() and not (tmp_path / "resumed").exists()
-    monkeypatch.setattr(TrainableStateTrainer, "_save_checkpoint", original)
-    metrics = run(tmp_path / "resumed", tmp_path / "scratch_resumed")
-    assert metrics["steps"] == 12
-    straight = load_file(tmp_path / "straight" / ENCODER / "adapter_model.safetensors")
-    resumed = load_file(tmp_path / "resumed" / ENCODER / "adapter_model.safetensors")
-    assert straight.keys() == resumed.keys()
-    for name in straight:
-        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_missing_adapter_is_a_clear_error(micro_run, tmp_path):

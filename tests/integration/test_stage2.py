@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -28,7 +26,8 @@ from latent_sft_core.phase1 import encode_latents
 from latent_sft_core.soft_labels import open_soft_labels
 from latent_sft_core.stage2 import LatentTrainer, train_latent
 from latent_sft_core.text import load_tokenizer, special_ids, tokenizer_fingerprint
-from tests.support import deep_merge, micro_params_file_content, run_until_killed, subprocess_environment
+from tests.stage_cli import make_workdir, output_paths, stage_command
+from tests.support import deep_merge, subprocess_environment
 
 pytestmark = pytest.mark.integration
 
@@ -169,61 +168,21 @@ def test_alternating_schedule_cycles_kl_ce_and_both():
 # ------------------------------------------------------------------------------------- DeepSpeed runs
 
 
-def stage_command(workdir: Path, root: Path, launcher: list[str] | None = None) -> list[str]:
-    launcher = launcher or [sys.executable, "-m"]
-    return [*launcher, "tasks.train_latent", "--params", str(workdir / "params.yaml"), "--merged",
-            str(root / "merged"), "--chunked", str(root / "chunked"), "--soft-labels", str(root / "labels"),
-            "--out", str(workdir / "latent"), "--metrics", str(workdir / "metrics.json"), "--loss-curve",
-            str(workdir / "loss.csv")]
-
-
-def workdir_with(tmp_path: Path, name: str, overrides: dict) -> Path:
-    workdir = tmp_path / name
-    workdir.mkdir()
-    (workdir / "params.yaml").write_text(yaml.safe_dump(deep_merge(micro_params_file_content(), overrides)))
-    return workdir
-
-
-def test_zero2_trains_and_resumes_after_a_kill(labelled_run, tmp_path):
-    root, _, _ = labelled_run
-    runs = {name: workdir_with(tmp_path, name, {"train_latent": {"deepspeed": {"zero_stage": 2}}})
-            for name in ("straight", "killed")}
-    subprocess.run(stage_command(runs["straight"], root), cwd=runs["straight"], env=subprocess_environment(), check=True,
-                   capture_output=True)
-    killed = runs["killed"]
-    state = killed / ".scratch" / "train_latent" / "checkpoint-6" / "trainer_state.json"
-    run_until_killed(stage_command(killed, root), killed, state)
-    assert state.exists() and not (killed / "latent").exists(), "the kill did not land between checkpoint and end"
-    rerun = subprocess.run(stage_command(killed, root), cwd=killed, env=subprocess_environment(), capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming from" in rerun.stderr
-
-    straight_metrics = json.loads((runs["straight"] / "metrics.json").read_text())
-    resumed_metrics = json.loads((killed / "metrics.json").read_text())
-    assert straight_metrics["zero_stage"] == 2 and straight_metrics["steps"] == resumed_metrics["steps"] == 12
-    curve = [float(line.split(",")[1]) for line in (runs["straight"] / "loss.csv").read_text().splitlines()[1:]]
-    assert curve[-1] < curve[0]
-    assert resumed_metrics["best_val_loss"] == pytest.approx(straight_metrics["best_val_loss"], abs=1e-5)
-    straight = load_file(runs["straight"] / "latent" / "model.safetensors")
-    resumed = load_file(killed / "latent" / "model.safetensors")
-    for name, tensor in straight.items():
-        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-5, msg=name)
-
-
 def test_zero3_with_two_processes_under_torchrun(labelled_run, tmp_path):
     root, _, _ = labelled_run
     one_epoch = {"max_steps": -1, "epochs": 1}
-    workdir = workdir_with(tmp_path, "zero3", {"train_latent": {"deepspeed": {"zero_stage": 3}, "train": one_epoch}})
+    workdir = make_workdir(tmp_path / "zero3", {"train_latent": {"deepspeed": {"zero_stage": 3}, "train": one_epoch}})
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
-    result = subprocess.run(stage_command(workdir, root, launcher), cwd=workdir, env=subprocess_environment(),
-                            capture_output=True, text=True)
+    result = subprocess.run(stage_command("train_latent", workdir, root, launcher=launcher), cwd=workdir,
+                            env=subprocess_environment(), capture_output=True, text=True)
+    outputs = output_paths("train_latent", workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0 of 2" in result.stderr and "rank 1 of 2" in result.stderr
-    metrics = json.loads((workdir / "metrics.json").read_text())
+    metrics = json.loads(outputs["metrics"].read_text())
     assert metrics["world_size"] == 2 and metrics["zero_stage"] == 3
     # 192 rows, batch 16 per process, 2 processes: the data is split, not trained twice
     assert metrics["steps"] == 6
-    saved = load_file(workdir / "latent" / "model.safetensors")
+    saved = load_file(outputs["out"] / "model.safetensors")
     start = load_file(root / "merged" / "decoder" / "model.safetensors")
     assert saved.keys() == start.keys()
     for name, tensor in saved.items():
