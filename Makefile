@@ -21,7 +21,7 @@ PREFECT_PORT ?= 4200
 # `dvc plots show` template with vega inlined (flows/offline_plots.py; .dvc/config.local points DVC to it)
 PLOTS_TEMPLATE := .cache/dvc-plots/offline.html
 
-.PHONY: install run test lint clean server serve plots
+.PHONY: install run test lint bench bench-method clean server serve plots
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -44,6 +44,18 @@ test: install
 
 lint: install
 	$(BIN)/ruff check latent_sft_core tasks flows bench tests
+
+# Cost benchmarks (minutes; run alone: a second busy process on the 2 cores skews every timing), then the
+# method table (Latent-SFT(2) and the ablations as `dvc exp run` experiments, the no-CoT baseline: about an
+# hour). Both write their sections of BENCHMARKS.md; both need the default pipeline's outputs (`make run`).
+bench: run
+	$(BIN)/python -m bench.step_cost
+	$(BIN)/python -m bench.latent_decoding
+	$(BIN)/python -m bench.soft_label_cache
+	$(BIN)/python -m bench.cot_sft_quality
+
+bench-method: run
+	$(BIN)/python -m bench.method_table
 
 # The Prefect server and UI on http://127.0.0.1:$(PREFECT_PORT); the UI takes its API address from these settings
 server: install

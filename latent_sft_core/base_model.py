@@ -60,7 +60,7 @@ def train_base_model(
     if not section.skip_sft:
         train_file = Path(raw_dir) / "train.parquet"
         rows = tokenized_split(params, train_file, tokenizer)
-        sequences = [cot_sft_sequence(row, ids) for row in rows]
+        sequences = [cot_sft_sequence(row, ids, with_chain=section.reasoning == "cot") for row in rows]
         check_sequence_lengths(train_file, [r.id for r in rows], [len(s.input_ids) for s in sequences],
                                section.train.max_seq_len, "base_model.train.max_seq_len")
         fingerprint = run_fingerprint(

@@ -75,7 +75,7 @@ class BaseParams(Strict):
 class SyntheticParams(Strict):
     """Sizes and ranges of the generated GSM8k-Aug-style data set (see ``data/synthetic.py``)."""
 
-    train_size: int = Field(default=100000, ge=1)
+    train_size: int = Field(default=75000, ge=1)
     val_size: int = Field(default=300, ge=0)
     test_size: int = Field(default=500, ge=0)
     ood_size: int = Field(default=300, ge=0, description="rows of each out-of-distribution split")
@@ -204,6 +204,9 @@ class TinyModelParams(Strict):
 
 class BaseModelParams(Strict):
     skip_sft: bool = Field(default=False, description="with model.source 'path': keep the checkpoint as is")
+    reasoning: Literal["cot", "none"] = Field(
+        default="cot", description="none: train to answer right after <think></think> (the no-CoT baseline)"
+    )
     tiny: TinyModelParams = TinyModelParams()
     train: TrainParams = TrainParams(epochs=1.0, lr=3e-3, logging_steps=50)
     eval_rows: int = Field(default=300, ge=0, description="validation rows decoded for the stage's metric")
@@ -249,7 +252,7 @@ class Stage1Params(Strict):
     encoder_lora: LoraParams | None = None
     decoder_lora: LoraParams | None = None
     train: TrainParams = TrainParams(epochs=1.0, lr=1e-3, save_steps=100, logging_steps=20)
-    max_train_rows: int | None = Field(default=20000, ge=1, description="first rows of the train split used")
+    max_train_rows: int | None = Field(default=12800, ge=1, description="first rows of the train split used")
     max_eval_rows: int = Field(default=256, ge=1, description="validation rows scored to pick the best checkpoint")
 
 
@@ -264,7 +267,7 @@ class CacheSoftLabelsParams(Strict):
     batch_size: int = Field(default=128, ge=1)
     prob_dtype: Literal["float16", "float32"] = "float16"
     row_group_rows: int = Field(default=256, ge=1, description="small groups keep shuffled reads cheap")
-    max_rows: int | None = Field(default=20000, ge=1, description="first rows of each split")
+    max_rows: int | None = Field(default=12800, ge=1, description="first rows of each split")
 
 
 class GumbelParams(Strict):
@@ -312,7 +315,7 @@ class TrainLatentParams(Strict):
     )
     gumbel: GumbelParams = GumbelParams()
     deepspeed: DeepSpeedParams = DeepSpeedParams()
-    max_train_rows: int | None = Field(default=20000, ge=1)
+    max_train_rows: int | None = Field(default=12800, ge=1)
     max_eval_rows: int = Field(default=256, ge=1)
 
 
@@ -377,9 +380,9 @@ class Params(Strict):
     tokenizer: TokenizerParams = TokenizerParams()
     base_model: BaseModelParams = BaseModelParams()
     latent: LatentParams = LatentParams()
-    train_encoder: Stage1Params = Stage1Params(encoder_lora=ENCODER_LORA)
-    train_decoder: Stage1Params = Stage1Params(decoder_lora=LoraParams())
-    train_joint: Stage1Params = Stage1Params(encoder_lora=ENCODER_LORA, decoder_lora=LoraParams())
+    train_encoder: Stage1Params = Stage1Params(encoder_lora=ENCODER_LORA, max_train_rows=6400)
+    train_decoder: Stage1Params = Stage1Params(decoder_lora=LoraParams(), max_train_rows=6400)
+    train_joint: Stage1Params = Stage1Params(encoder_lora=ENCODER_LORA, decoder_lora=LoraParams(), max_train_rows=12800)
     cache_soft_labels: CacheSoftLabelsParams = CacheSoftLabelsParams()
     train_latent: TrainLatentParams = TrainLatentParams()
     evaluate: EvaluateParams = EvaluateParams()

@@ -82,13 +82,15 @@ class TokenSequence:
             )
 
 
-def cot_sft_sequence(row: ChunkedRow, ids: SpecialIds) -> TokenSequence:
-    """``[prompt] <think> chain </think> answer <end>`` with its roles."""
+def cot_sft_sequence(row: ChunkedRow, ids: SpecialIds, with_chain: bool = True) -> TokenSequence:
+    """``[prompt] <think> chain </think> answer <end>`` with its roles; ``with_chain=False`` leaves the chain
+    out (``[prompt] <think> </think> answer <end>``: the no-CoT baseline answers at once)."""
     prompt = [*row.prompt_ids, ids.think_open]
+    chain = row.cot_ids if with_chain else []
     answer = [ids.think_close, *row.answer_ids, ids.end]
     return TokenSequence(
-        input_ids=prompt + row.cot_ids + answer,
-        roles=[Role.PROMPT] * len(prompt) + [Role.CHUNK] * len(row.cot_ids) + [Role.ANSWER] * len(answer),
+        input_ids=prompt + chain + answer,
+        roles=[Role.PROMPT] * len(prompt) + [Role.CHUNK] * len(chain) + [Role.ANSWER] * len(answer),
     )
 
 

@@ -7,9 +7,11 @@ tokens are *single* ids, added as special tokens to whichever tokenizer is in us
   reference code splits it into sub-tokens and stops on the first one, which we do not repeat);
 * ``<|latent|>`` is the compress token placed after every chunk in the encoder's sequence.
 
-The embedded default trains a small byte-level BPE tokenizer on the training split with every digit a token
-of its own (arithmetic is learnt digit by digit). A real model keeps its own tokenizer, gains the three
-tokens (and a pad token when it has none) and has its embeddings resized to match.
+The embedded default trains a small byte-level BPE tokenizer on the training split that, like Llama 3's, keeps
+runs of up to three digits together (frequent numbers become single tokens). A latent is a superposition of
+token embeddings, i.e. an unordered bag: with one digit per token "21" and "12" would be the same bag, and the
+tiny model's phase-1 latents collapsed (see BENCHMARKS.md). A real model keeps its own tokenizer, gains the
+three tokens (and a pad token when it has none) and has its embeddings resized to match.
 """
 
 from __future__ import annotations
@@ -100,12 +102,12 @@ class TextFormat:
 
 
 def train_embedded_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -> PreTrainedTokenizerFast:
-    """Train the embedded default's byte-level BPE tokenizer (digits always single tokens) on ``texts``."""
+    """Train the embedded default's byte-level BPE tokenizer (numbers split into runs of at most 3 digits)."""
     core = Tokenizer(models.BPE())
-    # Pieces: one digit (with its leading space), a run of other non-space characters, or whitespace.
+    # Pieces: up to 3 digits (with a leading space), a run of other non-space characters, or whitespace.
     core.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(r" ?\d| ?[^\s\d]+|\s+"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(r" ?\d{1,3}| ?[^\s\d]+|\s+"), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

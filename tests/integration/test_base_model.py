@@ -11,7 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from latent_sft_core.base_model import train_base_model
 from latent_sft_core.chunking import read_chunked
+from latent_sft_core.config import DecodingParams
 from latent_sft_core.errors import ArtifactError, DataError
+from latent_sft_core.inference import decode
+from latent_sft_core.modeling import load_model
 from latent_sft_core.text import special_ids, tokenizer_fingerprint
 
 pytestmark = pytest.mark.integration
@@ -97,3 +100,21 @@ def test_changed_params_discard_stale_checkpoints(tmp_path):
     assert not (scratch / "checkpoint-8").exists()
     assert prepare_scratch(scratch, "run-b") is None
     assert not (scratch / "checkpoint-4").exists()
+
+
+def test_no_cot_baseline_answers_without_a_chain(micro_run, tmp_path):
+    """``base_model.reasoning: none`` trains ``[prompt] <think> </think> answer <end>``: the model closes its
+    reasoning at once, where the CoT-SFT model of the same data writes a chain first."""
+    root, params, _ = micro_run
+    no_cot = params.model_copy(update={"base_model": params.base_model.model_copy(update={"reasoning": "none"})})
+    train_base_model(no_cot, root / "raw", root / "tokenizer", tmp_path / "base", tmp_path / "m.json",
+                     tmp_path / "l.csv", scratch_dir=tmp_path / "scratch")
+    rows = read_chunked(root / "chunked" / "val.parquet")
+    decoding = DecodingParams(batch_size=16, max_new_tokens=8)
+    chain_lengths = {}
+    for name, folder in (("none", tmp_path / "base"), ("cot", root / "base")):
+        model, tokenizer = load_model(folder)
+        decoded = decode(model, [r.prompt_ids for r in rows], special_ids(tokenizer), decoding, None, progress=False)
+        chain_lengths[name] = [d.num_reasoning_tokens for d in decoded]
+    assert all(length == 0 for length in chain_lengths["none"])
+    assert all(length > 0 for length in chain_lengths["cot"])

@@ -59,6 +59,8 @@ def test_cot_sft_sequence_and_roles():
     empty = cot_sft_sequence(make_row([]), IDS)
     assert empty.input_ids == [10, 11, 2, 3, 12, 1]
     assert empty.roles == [P, P, P, A, A, A]
+    no_cot = cot_sft_sequence(make_row([20, 21, 22]), IDS, with_chain=False)  # the no-CoT baseline's layout
+    assert no_cot.input_ids == empty.input_ids and no_cot.roles == empty.roles
 
 
 def test_padding_and_labels_from_roles():

@@ -40,12 +40,17 @@ def test_method_tokens_are_single_distinct_ids(tokenizer):
     assert encode(tokenizer, f"x{THINK_CLOSE}y").count(ids.think_close) == 1
 
 
-def test_digits_are_single_tokens_and_text_round_trips(tokenizer):
+def test_numbers_split_into_runs_of_three_digits_and_text_round_trips(tokenizer):
     text = "Tom has 5 apples.\n<think><<5+37=42>> <<42-2=40>></think>40"
     ids = encode(tokenizer, text)
     assert tokenizer.decode(ids) == text
-    tokens = tokenizer.convert_ids_to_tokens(encode(tokenizer, "<<1234=99>>"))
-    assert [t for t in tokens if any(ch.isdigit() for ch in t)] == ["1", "2", "3", "4", "9", "9"]
+    numbers = lambda text: [t for t in tokenizer.convert_ids_to_tokens(encode(tokenizer, text))  # noqa: E731
+                            if any(ch.isdigit() for ch in t)]
+    assert numbers("<<5+37=42>>") == ["5", "37", "42"]  # frequent numbers: one token each
+    # runs of at most three digits; a rare number falls back to smaller pieces inside its run
+    runs = [piece for piece, _ in tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str("1234567")]
+    assert runs == ["123", "456", "7"]
+    assert numbers("1234567") == [piece for run in runs for piece in numbers(run)]  # no token spans two runs
 
 
 def test_no_bos_or_eos_added(tokenizer):
