@@ -52,7 +52,6 @@ bench: run
 	$(BIN)/python -m bench.step_cost
 	$(BIN)/python -m bench.latent_decoding
 	$(BIN)/python -m bench.soft_label_cache
-	$(BIN)/python -m bench.cot_sft_quality
 
 bench-method: run
 	$(BIN)/python -m bench.method_table
