@@ -267,7 +267,7 @@ class CacheSoftLabelsParams(Strict):
     batch_size: int = Field(default=128, ge=1)
     prob_dtype: Literal["float16", "float32"] = "float16"
     row_group_rows: int = Field(default=256, ge=1, description="small groups keep shuffled reads cheap")
-    max_rows: int | None = Field(default=12800, ge=1, description="first rows of each split")
+    max_rows: int | None = Field(default=25600, ge=1, description="first rows of each split")
 
 
 class GumbelParams(Strict):
@@ -305,9 +305,11 @@ class DeepSpeedParams(Strict):
 class TrainLatentParams(Strict):
     """Stage 2: the LLM learns to produce the latents itself (KL on latent slots, CE on the answer)."""
 
-    finetune: Literal["lora", "full"] = "lora"
+    finetune: Literal["lora", "full"] = Field(
+        default="full", description="full: every weight, ZeRO-sharded (the tiny default); lora: an adapter (paper)"
+    )
     lora: LoraParams = LoraParams()
-    train: TrainParams = TrainParams(epochs=1.0, lr=1e-3, save_steps=100, logging_steps=20)
+    train: TrainParams = TrainParams(epochs=2.0, lr=1e-3, save_steps=200, logging_steps=20)
     ce_weight: float = Field(default=1.0, ge=0)
     kl_weight: float = Field(default=1.0, ge=0, description="latent term: KL, or MSE for hidden_state latents")
     loss_schedule: Literal["sum", "alternate"] = Field(
@@ -315,7 +317,7 @@ class TrainLatentParams(Strict):
     )
     gumbel: GumbelParams = GumbelParams()
     deepspeed: DeepSpeedParams = DeepSpeedParams()
-    max_train_rows: int | None = Field(default=12800, ge=1)
+    max_train_rows: int | None = Field(default=25600, ge=1)
     max_eval_rows: int = Field(default=256, ge=1)
 
 
