@@ -122,31 +122,37 @@ def main() -> None:
         "Latent-SFT(4)": [default["latent_sft"]],
         **{name: [] for name in variants},
     }
-    if not args.no_nocot:
-        rows["No-CoT"].append(no_cot_metrics(params)["cot_sft"])
-    else:
+    splits = list(default["cot_sft"])
+    command = "python -m bench.method_table" + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
+
+    def write_table() -> None:  # after every run, so that an interrupted table keeps what it has
+        minutes = (time.perf_counter() - began) / 60
+        update_section("method_table", f"""## Results of the method on the embedded benchmark (the paper's Table 1)
+
+`{command}` ({machine_line()}), {minutes:.0f} min. Pass@1 (%, greedy) and #L (mean reasoning length: CoT tokens,
+or latent steps) per split; the default params (`params.yaml`) except where the method's name says; CoT-SFT and
+Latent-SFT(4) are the default run's `metrics/evaluate.json`, the other Latent-SFT rows `dvc exp run` experiments
+(named `{EXP_PREFIX}-*`), No-CoT the base model trained without the chain. A cell with ± is mean ± std over runs;
+runs = 0: not run yet.
+
+{table(rows, splits)}
+""")
+
+    if args.no_nocot:
         del rows["No-CoT"]
     for name, overrides in variants.items():
         rows[name].append(run_experiment(name, overrides)["latent_sft"])
+        write_table()
+    if not args.no_nocot:
+        rows["No-CoT"].append(no_cot_metrics(params)["cot_sft"])
+        write_table()
     for seed in args.seeds:
         seeded = run_experiment(f"seed{seed}", [f"base.seed={seed}"])
         rows["CoT-SFT"].append(seeded["cot_sft"])
         rows["Latent-SFT(4)"].append(seeded["latent_sft"])
         for name, overrides in variants.items():
             rows[name].append(run_experiment(f"{name} seed{seed}", [*overrides, f"base.seed={seed}"])["latent_sft"])
-
-    splits = list(default["cot_sft"])
-    minutes = (time.perf_counter() - began) / 60
-    command = "python -m bench.method_table" + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
-    update_section("method_table", f"""## Results of the method on the embedded benchmark (the paper's Table 1)
-
-`{command}` ({machine_line()}), {minutes:.0f} min. Pass@1 (%, greedy) and #L (mean reasoning length: CoT tokens,
-or latent steps) per split; the default params (`params.yaml`) except where the method's name says; CoT-SFT and
-Latent-SFT(4) are the default run's `metrics/evaluate.json`, the other Latent-SFT rows `dvc exp run` experiments
-(named `{EXP_PREFIX}-*`), No-CoT the base model trained without the chain. A cell with ± is mean ± std over runs.
-
-{table(rows, splits)}
-""")
+        write_table()
     print(json.dumps(rows, indent=1))
 
 

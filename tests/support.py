@@ -44,6 +44,7 @@ MICRO_PARAMS: dict = {
     },
     "cache_soft_labels": {"batch_size": 32, "row_group_rows": 64, "max_rows": None},
     "train_latent": {
+        "finetune": "lora",  # the suite was tuned on LoRA; full fine-tuning has its own integration test
         "lora": {"rank": 4, "alpha": 8},
         "train": {"max_steps": 12, "batch_size": 16, "lr": 0.01, "save_steps": 6, "logging_steps": 2},
         "max_train_rows": 192,
