@@ -14,10 +14,13 @@ next-token logits of every row, and each row is in one of three states:
 
 The answer follows the latents on the same KV cache: nothing is re-prefilled. ``use_cache=False`` recomputes
 the whole sequence at every step instead (a check of the cached path, and the benchmark's slow reference).
+Prompts are batched in order of length (less left padding to prefill; results come back in the caller's
+order), and the LM head runs on the last position only when the model supports ``logits_to_keep``.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -140,14 +143,15 @@ def _decode_batch(
     state = _BatchState(rows, latent is not None)
     cache = None
     hidden_state = latent is not None and latent.hidden_state
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     while True:
         if use_cache:
             output = model(inputs_embeds=step_inputs, attention_mask=attention, position_ids=positions,
-                           past_key_values=cache, use_cache=True, output_hidden_states=hidden_state)
+                           past_key_values=cache, use_cache=True, output_hidden_states=hidden_state, **last_only)
             cache = output.past_key_values
         else:
             output = model(inputs_embeds=all_inputs, attention_mask=attention, position_ids=all_positions,
-                           use_cache=False, output_hidden_states=hidden_state)
+                           use_cache=False, output_hidden_states=hidden_state, **last_only)
         logits = output.logits[:, -1].float()  # [B, V]
         greedy = logits.argmax(dim=-1).tolist()
         chosen = choose_tokens(logits, decoding.sampling, generator).tolist()
@@ -225,12 +229,15 @@ def decode(
     model.eval()
     device = model.get_input_embeddings().weight.device
     generator = torch.Generator(device=device).manual_seed(decoding.sampling.seed)
-    results: list[Decoded] = []
+    order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
+    results: list[Decoded | None] = [None] * len(prompts)
     starts = range(0, len(prompts), decoding.batch_size)
     for start in tqdm(starts, desc="decoding", unit="batch", disable=not progress):
-        batch = prompts[start : start + decoding.batch_size]
+        batch = order[start : start + decoding.batch_size]
         began = time.perf_counter()
-        decoded = _decode_batch(model, batch, ids, decoding, latent, keep_top, use_cache, generator)
+        decoded = _decode_batch(model, [prompts[i] for i in batch], ids, decoding, latent, keep_top, use_cache,
+                                generator)
         seconds = (time.perf_counter() - began) / len(batch)
-        results.extend(replace(d, seconds=seconds) for d in decoded)
+        for index, result in zip(batch, decoded):
+            results[index] = replace(result, seconds=seconds)
     return results

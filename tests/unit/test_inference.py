@@ -67,6 +67,9 @@ def test_batched_latent_decoding_equals_one_by_one(model):
     batched = decode(wrapped, PROMPTS, IDS, settings(), latent, progress=False)
     alone = [decode(wrapped, [p], IDS, settings(batch_size=1), latent, progress=False)[0] for p in PROMPTS]
     assert comparable(batched) == comparable(alone)
+    # several batches: prompts are batched by length, results still come back in the caller's order
+    in_pairs = decode(wrapped, PROMPTS, IDS, settings(batch_size=2), latent, progress=False)
+    assert comparable(in_pairs) == comparable(alone)
     for b, a in zip(batched, alone):
         for step_b, step_a in zip(b.latent_steps, a.latent_steps):
             assert step_b.probs == pytest.approx(step_a.probs, abs=1e-9)
