@@ -122,7 +122,7 @@ def main() -> None:
         "Latent-SFT(4)": [default["latent_sft"]],
         **{name: [] for name in variants},
     }
-    splits = list(default["cot_sft"])
+    splits = sorted(default["cot_sft"], key=lambda split: split != "test")  # test first, then the OOD splits
     command = "python -m bench.method_table" + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
 
     def write_table() -> None:  # after every run, so that an interrupted table keeps what it has
