@@ -41,7 +41,8 @@ VARIANTS: dict[str, list[str]] = {
 }
 EXP_PREFIX = "method"
 
-Metrics = dict[str, dict[str, dict[str, float]]]  # model -> split -> metric -> value
+ModelMetrics = dict[str, dict[str, float]]  # split -> metric -> value
+Metrics = dict[str, ModelMetrics]  # model -> split -> metric -> value
 
 
 def slug(name: str) -> str:
@@ -58,7 +59,9 @@ def run_experiment(name: str, overrides: list[str]) -> Metrics:
     subprocess.run(command, check=True)
     refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], check=True,
                           capture_output=True, text=True).stdout.split()
-    ref = next(r for r in refs if r.endswith(f"/{exp_name}"))
+    ref = next((r for r in refs if r.endswith(f"/{exp_name}")), None)
+    if ref is None:
+        raise RuntimeError(f"dvc exp run finished but no git ref refs/exps/.../{exp_name} holds its results")
     shown = subprocess.run(["git", "show", f"{ref}:{paths.METRICS_DIR / 'evaluate.json'}"], check=True,
                            capture_output=True, text=True).stdout
     return json.loads(shown)
@@ -90,7 +93,7 @@ def cell(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
-def table(rows: dict[str, list[dict[str, dict[str, float]]]], splits: list[str]) -> str:
+def table(rows: dict[str, list[ModelMetrics]], splits: list[str]) -> str:
     """Markdown: one row per method, Pass@1 % and #L per split (mean ± std over the runs of that row)."""
     head = "| method | runs | " + " | ".join(f"{s} Pass@1 % | {s} #L" for s in splits) + " |"
     rule = "|---|---|" + "---|---|" * len(splits)
@@ -116,7 +119,7 @@ def main() -> None:
     began = time.perf_counter()
 
     default = json.loads((paths.METRICS_DIR / "evaluate.json").read_text())
-    rows: dict[str, list[dict[str, dict[str, float]]]] = {
+    rows: dict[str, list[ModelMetrics]] = {
         "CoT-SFT": [default["cot_sft"]],
         "No-CoT": [],
         "Latent-SFT(4)": [default["latent_sft"]],
