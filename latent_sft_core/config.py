@@ -234,6 +234,19 @@ class LatentParams(Strict):
     )
 
 
+class CollapseGuardParams(Strict):
+    """When phase 1's latents count as collapsed (``latent_health``); checked by every phase-1 stage and the
+    soft-label cache on the rows they see."""
+
+    min_distinct_top1_fraction: float = Field(
+        default=0.1, ge=0, le=1, description="distinct top-1 tokens over distinct chunk tokens, at least"
+    )
+    min_chunk_mass: float = Field(default=0.05, ge=0, le=1, description="alpha's mass on its own chunk, at least")
+    on_collapse: Literal["warn", "error"] = Field(
+        default="warn", description="warn: a loud warning and collapsed=true in the metrics; error: fail the stage"
+    )
+
+
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -286,6 +299,18 @@ class GumbelParams(Strict):
         return self
 
 
+class ScheduledSamplingParams(Strict):
+    """Ours, beyond the paper: stage 2 feeds some slots the student's own latent instead of the teacher's.
+
+    A no-grad teacher-forced pass gives the student's alpha at every slot (as inference would make it from that
+    prefix); each slot's input becomes the student's mixture with probability ``p``, rising linearly from 0 to
+    ``max_probability`` over training. The KL target stays the teacher's alpha. Costs one extra no-grad forward.
+    """
+
+    enabled: bool = False
+    max_probability: float = Field(default=0.5, ge=0, le=1)
+
+
 class DeepSpeedParams(Strict):
     """DeepSpeed ZeRO for stage 2 (see latent_sft_core/deepspeed_config.py for the config it builds)."""
 
@@ -316,6 +341,7 @@ class TrainLatentParams(Strict):
         default="sum", description="alternate: KL-only, CE-only and joint steps in turn (the paper's schedule)"
     )
     gumbel: GumbelParams = GumbelParams()
+    scheduled_sampling: ScheduledSamplingParams = ScheduledSamplingParams()
     deepspeed: DeepSpeedParams = DeepSpeedParams()
     max_train_rows: int | None = Field(default=25600, ge=1)
     max_eval_rows: int = Field(default=256, ge=1)
@@ -382,6 +408,7 @@ class Params(Strict):
     tokenizer: TokenizerParams = TokenizerParams()
     base_model: BaseModelParams = BaseModelParams()
     latent: LatentParams = LatentParams()
+    collapse_guard: CollapseGuardParams = CollapseGuardParams()
     train_encoder: Stage1Params = Stage1Params(encoder_lora=ENCODER_LORA, max_train_rows=6400)
     train_decoder: Stage1Params = Stage1Params(decoder_lora=LoraParams(), max_train_rows=6400)
     train_joint: Stage1Params = Stage1Params(encoder_lora=ENCODER_LORA, decoder_lora=LoraParams(), max_train_rows=12800)

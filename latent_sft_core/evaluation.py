@@ -5,6 +5,14 @@ latents) answer the same questions with the same batching, caps and math-verify 
 like with like. Per model and split: Pass@1, mean #L (latent steps, or chain tokens for CoT), mean answer tokens
 and wall time per question; for the latent model also ECR@K, N_eff and Top-2 (``analysis``).
 
+Where the latent model's accuracy is lost (with the merged phase-1 models, ``phase1_dir``): on every split the
+encoder's alpha of each question's gold chain (the teacher, computed on the fly as the soft-label cache does)
+is fed (1) to the phase-1 decoder: ``phase1_ceiling_pass@1``, what the latents carry; (2) to the stage-2 model:
+``teacher_forced_pass@1``, whether it can answer from them; its own latents give ``pass@1`` (free-running).
+Per latent step the stage-2 model's next-token distribution is compared with the teacher's latent of the same
+index, teacher-forced and free-running: ``*_top1_agreement`` (same most probable token) and ``*_kl``
+(KL(teacher || student), nats), averaged over latents.
+
 Outputs: ``metrics/evaluate.json`` ({model: {split: {metric: value}}}), ``metrics/report.md`` (the same as
 Markdown tables), per-question predictions (Parquet), the ECR@K curve and the top-token heat map (DVC plots).
 """
@@ -17,6 +25,7 @@ import logging
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,13 +38,15 @@ from latent_sft_core.config import ModelName, Params, check_top_k
 from latent_sft_core.errors import ArtifactError
 from latent_sft_core.inference import Decoded, LatentMode, decode
 from latent_sft_core.io import atomic_outputs, write_json
-from latent_sft_core.modeling import load_model
+from latent_sft_core.modeling import load_model, load_pretrained_model
+from latent_sft_core.phase1 import encode_rows
 from latent_sft_core.scoring import answer_text, is_correct
+from latent_sft_core.soft_embedding import SparseAlpha
 from latent_sft_core.text import TextFormat, encode, special_ids, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
-TRAINING_SPLITS = ("train", "val")
+TRAINING_SPLITS = ("train",)
 DECIMALS = 4
 
 PREDICTION_SCHEMA = pa.schema(
@@ -81,12 +92,12 @@ class SplitRun:
 
 
 def evaluation_splits(params: Params, chunked_dir: Path) -> list[str]:
-    """The splits to evaluate: ``evaluate.splits``, or every chunked split but train and val (test first)."""
+    """The splits to evaluate: ``evaluate.splits``, or every chunked split but train (test first, then val)."""
     chunked_dir = Path(chunked_dir)
     available = sorted(path.stem for path in chunked_dir.glob("*.parquet"))
     wanted = params.evaluate.splits
     if wanted is None:
-        wanted = sorted((s for s in available if s not in TRAINING_SPLITS), key=lambda s: (s != "test", s))
+        wanted = sorted((s for s in available if s not in TRAINING_SPLITS), key=lambda s: (s != "test", s != "val", s))
     missing = [s for s in wanted if s not in available]
     if missing:
         raise ArtifactError(f"{chunked_dir}: no chunked split {', '.join(missing)} (evaluate.splits); "
@@ -98,16 +109,64 @@ def evaluation_splits(params: Params, chunked_dir: Path) -> list[str]:
 
 def run_split(
     params: Params, name: ModelName, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: str,
-    rows: list[ChunkedRow],
+    rows: list[ChunkedRow], teacher: Sequence[SparseAlpha] | None = None, follow_teacher: bool = False,
 ) -> SplitRun:
-    """Decode and score one split with one model (latent mode for ``latent_sft``, explicit for ``cot_sft``)."""
+    """Decode and score one split with one model (latent mode for ``latent_sft``, explicit for ``cot_sft``);
+    ``teacher`` / ``follow_teacher`` as in ``inference.decode``."""
     section = params.evaluate
     latent = LatentMode.from_params(params) if name == "latent_sft" else None
     decoded = decode(model, [row.prompt_ids for row in rows], special_ids(tokenizer), section.decoding, latent,
-                     keep_top=section.analysis_top_k)
+                     keep_top=section.analysis_top_k, teacher=teacher, follow_teacher=follow_teacher)
     predictions = [answer_text(d, tokenizer) for d in decoded]
     correct = [is_correct(p, row.answer) for p, row in zip(predictions, rows)]
     return SplitRun(name, split, rows, decoded, predictions, correct)
+
+
+@dataclass(frozen=True)
+class Phase1Teacher:
+    """The merged phase-1 encoder and decoder: the teacher's latents of a gold chain, and the ceiling."""
+
+    encoder: PreTrainedModel
+    decoder: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+    @classmethod
+    def load(cls, folder: Path) -> Phase1Teacher:
+        decoder, tokenizer = load_model(Path(folder) / "decoder")
+        return cls(load_pretrained_model(Path(folder) / "encoder").eval(), decoder.eval(), tokenizer)
+
+    def alphas(self, params: Params, rows: Sequence[ChunkedRow]) -> list[SparseAlpha]:
+        """Per row, the encoder's alpha of each of its N latents ([N, k]; the hidden states [N, d] for the
+        hidden-state ablation), as the soft-label cache computes them."""
+        alphas = []
+        batches = encode_rows(self.encoder, self.decoder, params.latent, params.base.top_k, rows,
+                              special_ids(self.tokenizer), params.evaluate.decoding.batch_size)
+        for batch, latents in batches:
+            ids, values = (None, latents.hidden) if latents.alpha is None else (latents.alpha.ids, latents.alpha.probs)
+            bounds = [0, *accumulate(row.num_chunks for row in batch)]
+            alphas += [SparseAlpha(None if ids is None else ids[a:b], values[a:b]) for a, b in zip(bounds, bounds[1:])]
+        return alphas
+
+
+def diagnostics(
+    params: Params, phase1: Phase1Teacher, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+    free_running: SplitRun, teacher: Sequence[SparseAlpha],
+) -> dict[str, float]:
+    """Where the latent model's accuracy is lost on one split (module docstring)."""
+    if tokenizer_fingerprint(phase1.tokenizer) != tokenizer_fingerprint(tokenizer):
+        raise ArtifactError("the phase-1 models and the latent model use different tokenizers")
+    split, rows = free_running.split, free_running.rows
+    ceiling = run_split(params, "latent_sft", phase1.decoder, phase1.tokenizer, split, rows, teacher, True)
+    forced = run_split(params, "latent_sft", model, tokenizer, split, rows, teacher, True)
+    metrics = {
+        "phase1_ceiling_pass@1": _mean([float(c) for c in ceiling.correct]),
+        "teacher_forced_pass@1": _mean([float(c) for c in forced.correct]),
+    }
+    for name, run in (("teacher_forced", forced), ("free_running", free_running)):
+        compared = [step for decoded in run.decoded for step in decoded.latent_steps if step.teacher_kl is not None]
+        metrics[f"{name}_top1_agreement"] = _mean([float(step.teacher_agrees) for step in compared])
+        metrics[f"{name}_kl"] = _mean([step.teacher_kl for step in compared])
+    return metrics
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -190,11 +249,35 @@ def markdown_report(results: dict[str, dict[str, dict[str, float]]], params: Par
             latent = results["latent_sft"][split]["mean_reasoning_tokens"]
             cells.append(f"{latent / chain:.2f}" if chain else "n/a")
         lines.append(_table_row(cells))
+    lines += _losses_table(results.get("latent_sft", {}))
     for model in models:
         names = list(results[model][splits[0]])
         lines += ["", f"## {model}", "", _table_row(["split", *names]), _table_row(["---"] * (1 + len(names)))]
         lines += [_table_row([split, *(f"{values[n]:g}" for n in names)]) for split, values in results[model].items()]
     return "\n".join(lines) + "\n"
+
+
+def _losses_table(latent: dict[str, dict[str, float]]) -> list[str]:
+    """Markdown lines: per split, the latent model's accuracy from the teacher's latents (phase-1 decoder, stage-2
+    model) and from its own, with per-latent agreement; empty without the diagnostics."""
+    splits = [split for split, values in latent.items() if "phase1_ceiling_pass@1" in values]
+    if not splits:
+        return []
+    columns = ["split", "phase-1 ceiling %", "stage 2 teacher-forced %", "stage 2 free-running %",
+               "top-1 agreement TF", "KL TF", "top-1 agreement FR", "KL FR"]
+    lines = ["", "## Where the accuracy is lost", "",
+             "The phase-1 decoder and the stage-2 model answering from the encoder's latents of the gold chain "
+             "(teacher), and the stage-2 model from its own latents; per latent step, agreement of the top-1 "
+             "token and KL(teacher || student), teacher-forced (TF) and free-running (FR).", "",
+             _table_row(columns), _table_row(["---"] * len(columns))]
+    for split in splits:
+        v = latent[split]
+        lines.append(_table_row([
+            split, f"{100 * v['phase1_ceiling_pass@1']:.1f}", f"{100 * v['teacher_forced_pass@1']:.1f}",
+            f"{100 * v['pass@1']:.1f}", f"{v['teacher_forced_top1_agreement']:.3f}", f"{v['teacher_forced_kl']:.3f}",
+            f"{v['free_running_top1_agreement']:.3f}", f"{v['free_running_kl']:.3f}",
+        ]))
+    return lines
 
 
 def _table_row(cells: Sequence[str]) -> str:
@@ -219,9 +302,14 @@ def write_outputs(
         write_json(staged.path(outputs.metrics), results)
 
 
-def evaluate(params: Params, chunked_dir: Path, model_dirs: dict[str, Path], outputs: EvaluationOutputs) -> dict:
-    """The evaluate stage (module docstring). ``model_dirs`` maps every name in ``evaluate.models`` to a folder."""
+def evaluate(
+    params: Params, chunked_dir: Path, model_dirs: dict[str, Path], outputs: EvaluationOutputs,
+    phase1_dir: Path | None = None,
+) -> dict:
+    """The evaluate stage (module docstring). ``model_dirs`` maps every name in ``evaluate.models`` to a folder;
+    ``phase1_dir`` (the merged phase-1 models) adds the diagnostics of the latent model."""
     section = params.evaluate
+    phase1 = Phase1Teacher.load(phase1_dir) if phase1_dir is not None and "latent_sft" in section.models else None
     splits = evaluation_splits(params, chunked_dir)
     results: dict[str, dict[str, dict[str, float]]] = {}
     records: list[dict] = []
@@ -237,8 +325,11 @@ def evaluate(params: Params, chunked_dir: Path, model_dirs: dict[str, Path], out
             rows = read_chunked(Path(chunked_dir) / f"{split}.parquet", params.base.compression_rate,
                                 tokenizer_id)[: section.max_rows]
             log.info("evaluate: %s on %s (%d questions)", name, split, len(rows))
-            run = run_split(params, name, model, tokenizer, split, rows)
+            teacher = phase1.alphas(params, rows) if phase1 is not None and name == "latent_sft" else None
+            run = run_split(params, name, model, tokenizer, split, rows, teacher)
             results[name][split] = split_metrics(run, params)
+            if teacher is not None:
+                results[name][split] |= diagnostics(params, phase1, model, tokenizer, run, teacher)
             records += prediction_records(run, tokenizer, section.heatmap_tokens)
             if name == "latent_sft" and split == splits[0]:
                 ecr_curve = [{"k": k, "ecr": results[name][split][f"ecr@{k}"]} for k in section.ecr_k]

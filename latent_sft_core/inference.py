@@ -12,6 +12,13 @@ next-token logits of every row, and each row is in one of three states:
   after ``max_new_tokens`` explicit tokens;
 * **finished**: feeds pad until the whole batch is done (its outputs are ignored).
 
+With a **teacher** (per question, the encoder's alpha of its gold chain: ``[N, k]``), every latent step is
+compared with the teacher's latent of the same index: ``LatentStep.teacher_kl`` = KL(teacher || the step's
+next-token distribution) and ``teacher_agrees`` (same most probable token). ``follow_teacher`` feeds the
+teacher's latents instead of the model's own (``Z_j = alpha_j @ E`` with the model's own E; the hidden states
+themselves for the hidden-state ablation), exactly N of them, then ``</think>``: the model answers from the
+teacher's latents (the phase-1 ceiling with the phase-1 decoder, "teacher-forced" with the stage-2 model).
+
 The answer follows the latents on the same KV cache: nothing is re-prefilled. ``use_cache=False`` recomputes
 the whole sequence at every step instead (a check of the cached path, and the benchmark's slow reference).
 Prompts are batched in order of length (less left padding to prefill; results come back in the caller's
@@ -50,10 +57,13 @@ class LatentMode:
 
 @dataclass(frozen=True)
 class LatentStep:
-    """One latent step's next-token distribution (softmax of the logits), most probable tokens first."""
+    """One latent step's next-token distribution (softmax of the logits), most probable tokens first; with a
+    teacher latent at this step, KL(teacher || this distribution) and whether their top-1 tokens agree."""
 
     ids: tuple[int, ...]
     probs: tuple[float, ...]
+    teacher_kl: float | None = None
+    teacher_agrees: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,7 @@ class _BatchState:
 def _decode_batch(
     model: nn.Module, prompts: Sequence[Sequence[int]], ids: SpecialIds, decoding: DecodingParams,
     latent: LatentMode | None, keep_top: int, use_cache: bool, generator: torch.Generator,
+    teacher: Sequence[SparseAlpha] | None = None, follow_teacher: bool = False,
 ) -> list[Decoded]:
     embedding = model.get_input_embeddings()
     device = embedding.weight.device
@@ -161,10 +172,15 @@ def _decode_batch(
             if state.finished[row]:
                 continue
             if state.in_latent[row]:
-                at_cap = len(state.latent_steps[row]) >= decoding.max_latent_steps
-                if greedy[row] == ids.think_close or at_cap:
+                taken = len(state.latent_steps[row])
+                if follow_teacher:
+                    stop, capped = taken >= teacher[row].probs.shape[0], False
+                else:
+                    stop = greedy[row] == ids.think_close or taken >= decoding.max_latent_steps
+                    capped = greedy[row] != ids.think_close
+                if stop:
                     state.in_latent[row] = False
-                    state.capped[row] = greedy[row] != ids.think_close
+                    state.capped[row] = capped
                     state.explicit[row].append(ids.think_close)
                     next_tokens[row] = ids.think_close
                 else:
@@ -180,14 +196,20 @@ def _decode_batch(
         next_inputs = embedding(torch.tensor(next_tokens, device=device))  # [B, d]
         if thinking:
             selected = torch.tensor(thinking, device=device)
-            if hidden_state:
+            steps = [len(state.latent_steps[row]) for row in thinking]
+            if follow_teacher:
+                latents = _teacher_inputs([teacher[row] for row in thinking], steps, embedding, hidden_state)
+            elif hidden_state:
                 latents = output.hidden_states[-1][selected, -1]
             else:
                 latents = _latent_inputs(logits[selected], latent, decoding, embedding, generator)
             next_inputs[selected] = latents.to(next_inputs.dtype)
             probs, top_ids = torch.softmax(logits[selected], dim=-1).topk(min(keep_top, logits.shape[-1]), dim=-1)
-            for row, row_ids, row_probs in zip(thinking, top_ids.tolist(), probs.tolist()):
-                state.latent_steps[row].append(LatentStep(tuple(row_ids), tuple(row_probs)))
+            for index, (row, row_ids, row_probs) in enumerate(zip(thinking, top_ids.tolist(), probs.tolist())):
+                compared = {}
+                if teacher is not None and not hidden_state and steps[index] < teacher[row].probs.shape[0]:
+                    compared = _compare_with_teacher(logits[row], teacher[row], steps[index])
+                state.latent_steps[row].append(LatentStep(tuple(row_ids), tuple(row_probs), **compared))
         step_inputs = next_inputs[:, None]
         positions = positions[:, -1:] + 1
         attention = torch.cat([attention, attention.new_ones((rows, 1))], dim=1)
@@ -210,6 +232,25 @@ def _latent_inputs(
     return mix_embeddings(alpha, embedding)
 
 
+def _teacher_inputs(alphas: Sequence[SparseAlpha], steps: Sequence[int], embedding: nn.Module,
+                    hidden_state: bool) -> torch.Tensor:
+    """The teacher's latent ``steps[r]`` of each row r as a model input [R, d]: ``alpha @ E``, or the hidden state."""
+    probs = torch.stack([alpha.probs[step] for alpha, step in zip(alphas, steps)])
+    if hidden_state:
+        return probs
+    ids = None if alphas[0].ids is None else torch.stack([alpha.ids[step] for alpha, step in zip(alphas, steps)])
+    return mix_embeddings(SparseAlpha(ids=ids, probs=probs), embedding)
+
+
+def _compare_with_teacher(logits: torch.Tensor, alpha: SparseAlpha, step: int) -> dict:
+    """KL(teacher_step || softmax(logits)) and top-1 agreement; logits [V], teacher alpha [N, k] (or dense)."""
+    student = torch.log_softmax(logits.float(), dim=-1)
+    q = alpha.probs[step].float()
+    ids = torch.arange(q.shape[0], device=q.device) if alpha.ids is None else alpha.ids[step]
+    kl = float((torch.xlogy(q, q) - q * student[ids]).sum())
+    return {"teacher_kl": kl, "teacher_agrees": int(ids[q.argmax()]) == int(logits.argmax())}
+
+
 def decode(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -219,13 +260,20 @@ def decode(
     keep_top: int = 10,
     use_cache: bool = True,
     progress: bool = True,
+    teacher: Sequence[SparseAlpha] | None = None,
+    follow_teacher: bool = False,
 ) -> list[Decoded]:
     """Decode ``[prompt] <think>`` for every prompt, ``decoding.batch_size`` prompts at a time.
 
     ``latent=None`` decodes explicit CoT; otherwise every row thinks in latents first (module docstring).
     ``keep_top`` tokens of each latent step's distribution are kept in ``Decoded.latent_steps``. Sampling and
-    Gumbel noise draw from one generator seeded with ``decoding.sampling.seed``.
+    Gumbel noise draw from one generator seeded with ``decoding.sampling.seed``. ``teacher`` (one alpha [N, k]
+    per prompt) and ``follow_teacher``: see the module docstring.
     """
+    if teacher is not None and len(teacher) != len(prompts):
+        raise ValueError(f"{len(teacher)} teacher alphas for {len(prompts)} prompts")
+    if follow_teacher and (teacher is None or latent is None):
+        raise ValueError("follow_teacher needs a teacher and latent mode")
     model.eval()
     device = model.get_input_embeddings().weight.device
     generator = torch.Generator(device=device).manual_seed(decoding.sampling.seed)
@@ -236,7 +284,7 @@ def decode(
         batch = order[start : start + decoding.batch_size]
         began = time.perf_counter()
         decoded = _decode_batch(model, [prompts[i] for i in batch], ids, decoding, latent, keep_top, use_cache,
-                                generator)
+                                generator, None if teacher is None else [teacher[i] for i in batch], follow_teacher)
         seconds = (time.perf_counter() - began) / len(batch)
         for index, result in zip(batch, decoded):
             results[index] = replace(result, seconds=seconds)

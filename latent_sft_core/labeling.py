@@ -21,9 +21,9 @@ from latent_sft_core.chunking import read_chunked
 from latent_sft_core.config import Params, check_top_k
 from latent_sft_core.errors import ArtifactError
 from latent_sft_core.io import atomic_outputs, write_json
-from latent_sft_core.layout import encoder_sequence, pad_sequences
+from latent_sft_core.latent_health import AlphaHealth, report_health
 from latent_sft_core.modeling import load_pretrained_model
-from latent_sft_core.phase1 import encode_latents
+from latent_sft_core.phase1 import encode_rows
 from latent_sft_core.soft_embedding import SparseAlpha
 from latent_sft_core.soft_labels import SoftLabelMeta, SoftLabelWriter, bytes_per_latent
 from latent_sft_core.text import load_tokenizer, special_ids, tokenizer_fingerprint
@@ -66,16 +66,16 @@ def cache_soft_labels(params: Params, merged_dir: Path, chunked_dir: Path, out_d
                 raise ArtifactError(f"{source}: no such chunked split (cache_soft_labels.splits names '{split}')")
             rows = read_chunked(source, params.base.compression_rate, meta.tokenizer_fingerprint)[: section.max_rows]
             started = time.perf_counter()
+            health = AlphaHealth(params.base.top_k)
             with SoftLabelWriter(labels_dir / f"{split}.parquet", meta, section.row_group_rows) as writer:
-                starts = range(0, len(rows), section.batch_size)
-                for start in tqdm(starts, desc=f"soft labels {split}", unit="batch"):
-                    batch = rows[start : start + section.batch_size]
-                    padded = pad_sequences([encoder_sequence(row, ids) for row in batch], ids.pad)
-                    latents = encode_latents(encoder, decoder, params.latent, params.base.top_k,
-                                             padded["input_ids"], padded["roles"])
+                batches = encode_rows(encoder, decoder, params.latent, params.base.top_k, rows, ids, section.batch_size)
+                total = -(-len(rows) // section.batch_size)
+                for batch, latents in tqdm(batches, total=total, desc=f"soft labels {split}", unit="batch"):
                     # the hidden-state ablation's targets are the hidden states themselves (hidden mode, no ids)
                     targets = SparseAlpha(ids=None, probs=latents.hidden) if latents.alpha is None else latents.alpha
                     writer.write_alpha([row.id for row in batch], [row.num_chunks for row in batch], targets)
+                    if latents.alpha is not None:
+                        health.update(latents.alpha, [chunk for row in batch for chunk in row.chunks()])
             seconds = time.perf_counter() - started
             latents_total = sum(row.num_chunks for row in rows)
             metrics[split] = {
@@ -84,6 +84,9 @@ def cache_soft_labels(params: Params, merged_dir: Path, chunked_dir: Path, out_d
                 "bytes_per_latent": round(bytes_per_latent(labels_dir / f"{split}.parquet"), 2) if latents_total else None,
                 "latents_per_second": round(latents_total / seconds, 1) if seconds else None,
             }
+            if params.latent.kind == "soft_embedding":
+                metrics[split]["latent_health"] = health.summary(params.collapse_guard)
+                report_health(f"cache_soft_labels {split}", metrics[split]["latent_health"], params.collapse_guard)
             log.info("%s: %s", split, metrics[split])
         write_json(outputs.path(metrics_path), metrics)
     return metrics

@@ -15,7 +15,7 @@ assignment over the whole batch (no per-sample loop).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +68,18 @@ def encode_latents(
     logits = vocabulary_logits(latent_hidden, output_projection(decoder, latent))
     alpha = alpha_from_logits(logits, None if latent.full_vocab else top_k, latent.temperature)
     return EncodedLatents(hidden=latent_hidden, alpha=alpha, inputs=mix_embeddings(alpha, embeddings))
+
+
+@torch.no_grad()
+def encode_rows(
+    encoder: nn.Module, decoder: nn.Module, latent: LatentParams, top_k: int, rows: Sequence[ChunkedRow],
+    ids: SpecialIds, batch_size: int,
+) -> Iterator[tuple[Sequence[ChunkedRow], EncodedLatents]]:
+    """The encoder's latents of ``rows`` (their gold chains), ``batch_size`` rows per packed forward."""
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        padded = pad_sequences([encoder_sequence(row, ids) for row in batch], ids.pad)
+        yield batch, encode_latents(encoder, decoder, latent, top_k, padded["input_ids"], padded["roles"])
 
 
 def embed_with_latents(decoder: nn.Module, input_ids: torch.Tensor, roles: torch.Tensor, latents: torch.Tensor):

@@ -25,6 +25,7 @@ from latent_sft_core.chunking import read_chunked
 from latent_sft_core.config import Params, check_top_k
 from latent_sft_core.errors import ArtifactError, DataError
 from latent_sft_core.io import atomic_dir, atomic_outputs, write_json
+from latent_sft_core.latent_health import encoder_health
 from latent_sft_core.modeling import frozen, load_pretrained_model, merged, save_model, with_lora
 from latent_sft_core.phase1 import Stage1Collator, Stage1Model, stage1_example
 from latent_sft_core.text import SpecialIds, load_tokenizer, special_ids, tokenizer_fingerprint
@@ -79,12 +80,13 @@ def stage1_models(params: Params, stage: Stage1Name, inputs: Stage1Inputs) -> tu
 
 
 def _examples(params: Params, stage: Stage1Name, path: Path, ids: SpecialIds, tokenizer_id: str, limit: int | None):
+    """The split's first ``limit`` rows and their phase-1 examples."""
     rows = read_chunked(path, params.base.compression_rate, tokenizer_id)[:limit]
     examples = [stage1_example(row, ids) for row in rows]
     lengths = [max(len(e.encoder.input_ids), len(e.decoder.input_ids)) for e in examples]
     max_len = getattr(params, stage).train.max_seq_len
     check_sequence_lengths(path, [r.id for r in rows], lengths, max_len, f"{stage}.train.max_seq_len")
-    return examples
+    return rows, SequenceDataset(examples)
 
 
 def train_stage1(
@@ -102,8 +104,8 @@ def train_stage1(
     tokenizer = load_tokenizer(inputs.base_dir)
     chunked = Path(inputs.chunked_dir)
     ids, tokenizer_id = special_ids(tokenizer), tokenizer_fingerprint(tokenizer)
-    train = _examples(params, stage, chunked / "train.parquet", ids, tokenizer_id, section.max_train_rows)
-    val = _examples(params, stage, chunked / "val.parquet", ids, tokenizer_id, section.max_eval_rows)
+    _, train = _examples(params, stage, chunked / "train.parquet", ids, tokenizer_id, section.max_train_rows)
+    val_rows, val = _examples(params, stage, chunked / "val.parquet", ids, tokenizer_id, section.max_eval_rows)
     if not val:
         raise DataError(f"{chunked / 'val.parquet'}: the validation split is empty; phase 1 selects checkpoints on it")
     encoder, decoder = stage1_models(params, stage, inputs)
@@ -120,10 +122,14 @@ def train_stage1(
         inputs={name: dir_digest(folder) for name, folder in vars(inputs).items() if folder is not None},
     )
     result = run_training(
-        model, SequenceDataset(train), Stage1Collator(ids.pad), section.train, scratch_dir,
-        params.base.seed, fingerprint, trainer_cls=TrainableStateTrainer, eval_dataset=SequenceDataset(val),
+        model, train, Stage1Collator(ids.pad), section.train, scratch_dir,
+        params.base.seed, fingerprint, trainer_cls=TrainableStateTrainer, eval_dataset=val,
     )
     metrics = {"trainable_parameters": trainable, **result.summary()}
+    # the best checkpoint's latents on the validation rows: a collapse must show here, not three stages later
+    health = encoder_health(encoder, decoder, params, val_rows, ids, section.train.batch_size, f"{stage} (validation)")
+    if health is not None:
+        metrics["latent_health"] = health
     with atomic_outputs() as outputs:
         adapters = outputs.folder(out_dir)
         for name, part, lora in ((ENCODER, encoder, section.encoder_lora), (DECODER, decoder, section.decoder_lora)):

@@ -7,6 +7,9 @@ Loss = ce_weight * CE(``</think>``, answer, end) + kl_weight * KL(alpha_j || stu
 Z_j); with ``loss_schedule: alternate`` the steps cycle KL only, CE only, both. For the hidden-state ablation
 (``latent.kind: hidden_state``) the cached targets are the encoder's hidden states h_j: they are the inputs at
 the slots, and the latent term is the MSE between the student's final hidden state before slot j and h_j.
+Scheduled sampling (ours, ``train_latent.scheduled_sampling``): with a probability rising over training, a slot
+is fed the student's own latent (from a no-grad teacher-forced pass) instead of the teacher's; the KL target
+stays the teacher's, so the student learns to recover from its own mixtures as it must at inference.
 
 Training runs through DeepSpeed ZeRO (stage 2 by default, 3 optional) when ``train_latent.deepspeed.enabled``;
 in one process by default, or under ``torchrun`` / ``deepspeed`` with several (only rank 0 writes outputs).
@@ -31,13 +34,14 @@ from latent_sft_core.chunking import ChunkedRow, read_chunked
 from latent_sft_core.config import Params
 from latent_sft_core.deepspeed_config import deepspeed_config
 from latent_sft_core.errors import ArtifactError, DataError
+from latent_sft_core.inference import LatentMode
 from latent_sft_core.io import atomic_outputs, write_json
 from latent_sft_core.labeling import encoder_fingerprint
 from latent_sft_core.layout import TokenSequence, labels_from_roles, pad_sequences, stage2_sequence
-from latent_sft_core.losses import stage2_losses
+from latent_sft_core.losses import predicting_positions, stage2_losses
 from latent_sft_core.masks import Role
 from latent_sft_core.modeling import load_pretrained_model, merged, save_model, with_lora
-from latent_sft_core.soft_embedding import SparseAlpha, gumbel_perturb, mix_embeddings
+from latent_sft_core.soft_embedding import SparseAlpha, alpha_from_logits, gumbel_perturb, mix_embeddings
 from latent_sft_core.soft_labels import SoftLabelReader, open_soft_labels
 from latent_sft_core.text import SpecialIds, load_tokenizer, special_ids, tokenizer_fingerprint
 from latent_sft_core.training import (
@@ -109,12 +113,23 @@ class LatentCollator:
         return inputs
 
 
+def scheduled_inputs(
+    teacher: torch.Tensor, student: torch.Tensor, probability: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scheduled sampling's slot inputs: each of the M latents [M, d] is the student's with ``probability``,
+    else the teacher's. Returns (inputs [M, d], replaced [M] bool)."""
+    replaced = torch.rand(teacher.shape[0], generator=generator, device=teacher.device) < probability
+    return torch.where(replaced[:, None], student.to(teacher.dtype), teacher), replaced
+
+
 def latent_forward(
     model: PreTrainedModel, inputs: dict[str, torch.Tensor], ce_weight: float, kl_weight: float,
-    hidden_state: bool = False,
+    hidden_state: bool = False, student_probability: float = 0.0, student: LatentMode | None = None,
 ):
     """Stage-2 losses for one padded batch (see ``LatentCollator`` for the inputs); ``hidden_state``: the
-    teacher values are hidden states, fed as they are (the hidden-state ablation)."""
+    teacher values are hidden states, fed as they are (the hidden-state ablation). With ``student_probability``
+    > 0 (scheduled sampling) each slot's input is, with that probability, the student's own latent from a no-grad
+    pass over the teacher's inputs (``student``: alpha made as at inference); the targets stay the teacher's."""
     embedding = model.get_input_embeddings()
     embeds = embedding(inputs["input_ids"])
     slots = inputs["roles"] == Role.LATENT
@@ -124,21 +139,42 @@ def latent_forward(
         embeds = embeds.clone()
         latents = teacher if hidden_state else mix_embeddings(SparseAlpha(ids=teacher_ids, probs=teacher), embedding)
         embeds[slots] = latents.to(embeds.dtype)
+        if student_probability > 0:
+            own = _student_latents(model, embeds, inputs["attention_mask"], slots, hidden_state, student)
+            embeds[slots], _ = scheduled_inputs(embeds[slots], own, student_probability)
     output = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], use_cache=False,
                    output_hidden_states=hidden_state)
     return stage2_losses(output.logits, inputs["labels"], inputs["roles"], teacher_ids, teacher, ce_weight,
                          kl_weight, hidden=output.hidden_states[-1] if hidden_state else None)
 
 
+@torch.no_grad()
+def _student_latents(model, embeds, attention_mask, slots, hidden_state: bool, student: LatentMode | None):
+    """[M, d]: what the student would feed at each slot, given the teacher's latents before it."""
+    output = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
+                   output_hidden_states=hidden_state)
+    before = predicting_positions(slots)
+    if hidden_state:
+        return output.hidden_states[-1][before]
+    if student is None:
+        raise ValueError("scheduled sampling on soft embeddings needs the LatentMode (top-k and temperature)")
+    alpha = alpha_from_logits(output.logits[before], student.top_k, student.temperature)
+    return mix_embeddings(alpha, model.get_input_embeddings())
+
+
 class LatentTrainer(ComponentLoggingTrainer):
-    """Computes the stage-2 loss; with ``schedule='alternate'`` training steps cycle KL, CE, both."""
+    """Computes the stage-2 loss; with ``schedule='alternate'`` training steps cycle KL, CE, both; with a
+    ``max_student_probability`` slots are fed the student's own latents with a probability rising linearly
+    from 0 to it over the training steps (scheduled sampling)."""
 
     def __init__(self, *args, ce_weight: float, kl_weight: float, schedule: str, hidden_state: bool = False,
-                 **kwargs):
+                 max_student_probability: float = 0.0, student: LatentMode | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.weights = (ce_weight, kl_weight)
         self.schedule = schedule
         self.hidden_state = hidden_state
+        self.max_student_probability = max_student_probability
+        self.student = student
 
     def step_weights(self) -> tuple[float, float]:
         ce_weight, kl_weight = self.weights
@@ -146,8 +182,15 @@ class LatentTrainer(ComponentLoggingTrainer):
             return ce_weight, kl_weight
         return ((0.0, kl_weight), (ce_weight, 0.0), (ce_weight, kl_weight))[self.state.global_step % 3]
 
+    def student_probability(self) -> float:
+        """0 at evaluation (validation loss is always teacher-forced), else the linear ramp to the maximum."""
+        if not self.model.training or not self.max_student_probability:
+            return 0.0
+        return self.max_student_probability * self.state.global_step / max(self.state.max_steps, 1)
+
     def loss_outputs(self, model, inputs):
-        return latent_forward(model, inputs, *self.step_weights(), hidden_state=self.hidden_state)
+        return latent_forward(model, inputs, *self.step_weights(), hidden_state=self.hidden_state,
+                              student_probability=self.student_probability(), student=self.student)
 
 
 def ensure_distributed_env() -> None:
@@ -229,8 +272,11 @@ def train_latent(
         world_size=os.environ.get("WORLD_SIZE", "1"),
     )
     log.info("train_latent: rank %s of %s", os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1"))
+    sampling = section.scheduled_sampling
     trainer_cls = partial(LatentTrainer, ce_weight=section.ce_weight, kl_weight=section.kl_weight,
-                          schedule=section.loss_schedule, hidden_state=params.latent.kind == "hidden_state")
+                          schedule=section.loss_schedule, hidden_state=params.latent.kind == "hidden_state",
+                          max_student_probability=sampling.max_probability if sampling.enabled else 0.0,
+                          student=LatentMode.from_params(params))
     result = run_training(model, train, collator, section.train, scratch_dir, params.base.seed, fingerprint,
                           trainer_cls=trainer_cls, eval_dataset=val, **overrides)
     trainer = result.trainer

@@ -14,6 +14,8 @@ def main(argv=None) -> None:
     parser.add_argument("--chunked", type=Path, default=paths.CHUNKED_DIR)
     parser.add_argument("--cot-sft", type=Path, default=paths.BASE_MODEL_DIR, help="the CoT-SFT model")
     parser.add_argument("--latent-sft", type=Path, default=paths.LATENT_MODEL_DIR, help="the stage-2 model")
+    parser.add_argument("--phase1", type=Path, default=paths.STAGE1_MERGED_DIR,
+                        help="the merged phase-1 models (teacher latents, phase-1 ceiling)")
     parser.add_argument("--metrics", type=Path, default=paths.METRICS_DIR / "evaluate.json")
     parser.add_argument("--report", type=Path, default=paths.METRICS_DIR / "report.md")
     parser.add_argument("--predictions", type=Path, default=paths.RESULTS_DIR / "predictions.parquet")
@@ -21,7 +23,8 @@ def main(argv=None) -> None:
     parser.add_argument("--heatmap-plot", type=Path, default=paths.PLOTS_DIR / "latent_top_tokens.json")
     args = parser.parse_args(argv)
     outputs = EvaluationOutputs(args.metrics, args.report, args.predictions, args.ecr_plot, args.heatmap_plot)
-    evaluate(load_params(args.params), args.chunked, {"cot_sft": args.cot_sft, "latent_sft": args.latent_sft}, outputs)
+    evaluate(load_params(args.params), args.chunked, {"cot_sft": args.cot_sft, "latent_sft": args.latent_sft}, outputs,
+             phase1_dir=args.phase1)
     print(outputs.report.read_text(encoding="utf-8"))
 
 

@@ -20,7 +20,8 @@ from tests.support import deep_merge
 
 pytestmark = pytest.mark.integration
 
-OOD_SPLITS = ["test", "hard", "reworded", "two_step"]
+EVAL_SPLITS = ["test", "val", "hard", "reworded", "two_step"]
+ROWS = {"test": 16, "val": 16, "hard": 8, "reworded": 8, "two_step": 8}
 
 
 def outputs_in(folder: Path) -> EvaluationOutputs:
@@ -40,7 +41,7 @@ def evaluated(latent_run, tmp_path_factory):
                      "analysis_top_k": 8, "heatmap_questions": 2, "heatmap_tokens": 3},
     }))
     outputs = outputs_in(tmp_path_factory.mktemp("evaluate"))
-    results = evaluate(params, root / "chunked", model_dirs(root), outputs)
+    results = evaluate(params, root / "chunked", model_dirs(root), outputs, phase1_dir=root / "merged")
     return root, params, outputs, results
 
 
@@ -49,9 +50,9 @@ def test_every_model_on_every_evaluation_split(evaluated):
     assert json.loads(outputs.metrics.read_text()) == results
     assert list(results) == ["cot_sft", "latent_sft"]
     for splits in results.values():
-        assert list(splits) == OOD_SPLITS  # test first; train and val are never evaluated
+        assert list(splits) == EVAL_SPLITS  # test first, then val; train is never evaluated
         for split, metrics in splits.items():
-            assert metrics["rows"] == (16 if split == "test" else 8)
+            assert metrics["rows"] == ROWS[split]
             assert 0 <= metrics["pass@1"] <= 1 and metrics["seconds_per_question"] > 0
     latent = results["latent_sft"]["test"]
     assert {"ecr@1", "ecr@2", "ecr@4", "n_eff", "top2", "n_eff_rows", "capped_rate"} <= set(latent)
@@ -63,10 +64,27 @@ def test_every_model_on_every_evaluation_split(evaluated):
     assert latent["n_eff_rows"] > 0 and 1 <= latent["n_eff"] <= 3 and 0 <= latent["top2"] <= 1
 
 
+def test_where_the_accuracy_is_lost_on_every_split(evaluated):
+    """Phase-1 ceiling, stage 2 from the teacher's latents and from its own, with per-latent agreement and KL."""
+    root, params, outputs, results = evaluated
+    names = ["phase1_ceiling_pass@1", "teacher_forced_pass@1", "teacher_forced_top1_agreement", "teacher_forced_kl",
+             "free_running_top1_agreement", "free_running_kl"]
+    report = outputs.report.read_text()
+    assert "## Where the accuracy is lost" in report
+    for split in EVAL_SPLITS:
+        latent = results["latent_sft"][split]
+        assert set(names) <= set(latent), split
+        assert all(0 <= latent[name] <= 1 for name in names if "kl" not in name)
+        assert latent["teacher_forced_kl"] > 0 and latent["free_running_kl"] > 0
+        assert (f"| {split} | {100 * latent['phase1_ceiling_pass@1']:.1f} | "
+                f"{100 * latent['teacher_forced_pass@1']:.1f} | {100 * latent['pass@1']:.1f} |") in report
+        assert not set(names) & set(results["cot_sft"][split])
+
+
 def test_predictions_agree_with_the_metrics(evaluated):
     _, _, outputs, results = evaluated
     table = pq.read_table(outputs.predictions).to_pylist()
-    assert len(table) == 2 * (16 + 3 * 8)
+    assert len(table) == 2 * sum(ROWS.values())
     for model, splits in results.items():
         for split, metrics in splits.items():
             rows = [r for r in table if r["model"] == model and r["split"] == split]
@@ -87,7 +105,7 @@ def test_predictions_agree_with_the_metrics(evaluated):
 def test_report_and_plots(evaluated):
     _, _, outputs, results = evaluated
     report = outputs.report.read_text()
-    for split in OOD_SPLITS:
+    for split in EVAL_SPLITS:
         cot, latent = results["cot_sft"][split], results["latent_sft"][split]
         ratio = latent["mean_reasoning_tokens"] / cot["mean_reasoning_tokens"]
         assert (f"| {split} | {100 * cot['pass@1']:.1f} | {cot['mean_reasoning_tokens']:.2f} | "

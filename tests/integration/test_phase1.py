@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -58,6 +59,15 @@ def test_each_stage_writes_its_adapters_and_its_loss_goes_down(phase1_run, stage
     assert stage_metrics["best_val_loss"] == min(val.values())
     assert stage_metrics["best_step"] == min(val, key=val.get)
     assert not (root / "scratch" / stage).exists()
+    # the collapse guard's statistics of the best checkpoint's latents on the validation rows
+    health = stage_metrics["latent_health"]
+    latents = sum(row.num_chunks for row in read_chunked(root / "chunked" / "val.parquet"))
+    assert health["latents"] == latents
+    assert 0 < health["distinct_top1"] <= health["distinct_chunk_tokens"]
+    assert 0 <= health["mean_entropy"] <= math.log(params.base.top_k) + 1e-6
+    assert 0 <= health["mass_outside_top1"] < 1 and 0 <= health["chunk_mass"] <= 1
+    assert 0 <= health[f"chunk_ecr@{params.base.top_k}"] <= params.base.compression_rate
+    assert isinstance(health["collapsed"], bool)
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -7,6 +7,8 @@ environment variables that must not leak into the other tests of this process.
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import subprocess
 import sys
 
@@ -20,8 +22,9 @@ from latent_sft_core.config import parse_params
 from latent_sft_core.errors import ArtifactError
 from latent_sft_core.evaluation import EvaluationOutputs, evaluate
 from latent_sft_core.labeling import cache_soft_labels, encoder_fingerprint
+from latent_sft_core.latent_health import LatentCollapseError
 from latent_sft_core.layout import encoder_sequence, pad_sequences
-from latent_sft_core.modeling import load_pretrained_model
+from latent_sft_core.modeling import load_pretrained_model, save_model
 from latent_sft_core.phase1 import encode_latents
 from latent_sft_core.soft_labels import open_soft_labels
 from latent_sft_core.stage2 import LatentTrainer, train_latent
@@ -60,6 +63,48 @@ def test_cache_holds_the_encoders_alpha_for_every_latent(labelled_run):
         torch.testing.assert_close(probs, alpha.probs[offset : offset + n], atol=1e-3, rtol=0)
         torch.testing.assert_close(probs.sum(-1), torch.ones(n), atol=2e-3, rtol=0)
         offset += n
+
+
+def test_cache_reports_the_health_of_alpha_per_split(labelled_run):
+    _, params, metrics = labelled_run
+    for split in ("train", "val"):
+        health = metrics[split]["latent_health"]
+        assert health["latents"] == metrics[split]["latents"]
+        assert {"mean_entropy", "distinct_top1", "mass_outside_top1", f"chunk_ecr@{params.base.top_k}", "chunk_mass",
+                "collapsed", "collapse_reasons"} <= set(health)
+
+
+def test_a_deliberately_collapsed_encoder_is_reported_as_collapsed(labelled_run, tmp_path, caplog):
+    """An encoder whose final norm is zeroed gives every latent the same alpha (all logits 0): the cache's guard
+    must say so in the log and the metrics, or fail the stage with ``on_collapse: error``."""
+    root, params, _ = labelled_run
+    merged_dir = tmp_path / "merged"
+    shutil.copytree(root / "merged", merged_dir)
+    encoder = load_pretrained_model(merged_dir / "encoder")
+    with torch.no_grad():
+        encoder.model.norm.weight.zero_()
+    save_model(encoder, load_tokenizer(merged_dir / "encoder"), merged_dir / "encoder")
+    with caplog.at_level(logging.WARNING, logger="latent_sft_core.latent_health"):
+        metrics = cache_soft_labels(params, merged_dir, root / "chunked", tmp_path / "labels", tmp_path / "cache.json")
+    for split in ("train", "val"):
+        health = metrics[split]["latent_health"]
+        assert health["collapsed"] is True and health["distinct_top1"] == 1 and health["chunk_mass"] < 0.05
+    assert "cache_soft_labels val: THE LATENTS HAVE COLLAPSED" in caplog.text
+    assert json.loads((tmp_path / "cache.json").read_text())["val"]["latent_health"]["collapsed"] is True
+    strict = parse_params(deep_merge(params.model_dump(mode="json"), {"collapse_guard": {"on_collapse": "error"}}))
+    with pytest.raises(LatentCollapseError, match="distinct top-1"):
+        cache_soft_labels(strict, merged_dir, root / "chunked", tmp_path / "strict", tmp_path / "strict.json")
+    assert not (tmp_path / "strict").exists() and not (tmp_path / "strict.json").exists()
+
+
+def test_scheduled_sampling_trains(labelled_run, tmp_path):
+    root, params, _ = labelled_run
+    sampled = parse_params(deep_merge(params.model_dump(mode="json"), {"train_latent": {
+        "deepspeed": {"enabled": False}, "scheduled_sampling": {"enabled": True, "max_probability": 1.0}}}))
+    metrics = train_latent(sampled, root / "merged", root / "chunked", root / "labels", tmp_path / "latent",
+                           tmp_path / "m.json", tmp_path / "loss.csv", scratch_dir=tmp_path / "scratch")
+    losses = [float(line.split(",")[1]) for line in (tmp_path / "loss.csv").read_text().splitlines()[1:]]
+    assert metrics["steps"] == 12 and losses[-1] < losses[0]
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])

@@ -1,5 +1,7 @@
 """Batched latent / explicit decoding on one KV cache, on a tiny random Llama in float64 (exact comparisons)."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -7,7 +9,7 @@ from torch import nn
 from latent_sft_core.config import DecodingParams, GumbelParams, SamplingParams, TinyModelParams
 from latent_sft_core.inference import LatentMode, choose_tokens, decode, split_generation
 from latent_sft_core.modeling import build_tiny_model
-from latent_sft_core.soft_embedding import alpha_from_logits, mix_embeddings
+from latent_sft_core.soft_embedding import SparseAlpha, alpha_from_logits, mix_embeddings
 from tests.support import SPECIAL_IDS
 
 pytestmark = pytest.mark.unit
@@ -176,3 +178,72 @@ def test_gumbel_noise_changes_latents_reproducibly(model):
     assert comparable(first) == comparable(again)
     later_steps = lambda decoded: [d.latent_steps[1:] for d in decoded]  # noqa: E731 (step 1 is noise-free)
     assert later_steps(first) != later_steps(clean)
+
+
+def teacher_alphas(lengths, k=3, seed=5):
+    """Hand-made teacher latents: per prompt, ``lengths[i]`` top-k alphas over random tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    alphas = []
+    for n in lengths:
+        ids = torch.stack([torch.randperm(VOCAB - 5, generator=generator)[:k] + 5 for _ in range(n)]) if n else \
+            torch.zeros(0, k, dtype=torch.long)
+        probs = torch.softmax(torch.randn(n, k, generator=generator, dtype=torch.float64), -1)
+        alphas.append(SparseAlpha(ids=ids, probs=probs))
+    return alphas
+
+
+def test_following_the_teacher_feeds_exactly_its_latents_then_answers(model):
+    """N teacher latents are fed whatever the model predicts (</think> included), then </think>; the answer
+    equals greedy decoding after [prompt, <think>, Z_1..Z_N, </think>] built by hand."""
+    lengths = [3, 0, 5, 1, 2]
+    teacher = teacher_alphas(lengths)
+    always_close = CloseThinkingAt(model, position=0)  # free-running, every row would stop at once
+    closing = decode(always_close, PROMPTS, IDS, settings(max_latent_steps=2), LatentMode(top_k=4), progress=False,
+                     teacher=teacher, follow_teacher=True)
+    assert [len(d.latent_steps) for d in closing] == lengths  # not capped at 2, not stopped by </think>
+    assert all(d.closed and not d.capped for d in closing)
+    decoded = decode(model, PROMPTS, IDS, settings(max_latent_steps=2), LatentMode(top_k=4), progress=False,
+                     teacher=teacher, follow_teacher=True)
+    embedding = model.get_input_embeddings()
+    for prompt, alpha, d in zip(PROMPTS, teacher, decoded):
+        inputs = embedding(torch.tensor([*prompt, IDS.think_open]))
+        latents = mix_embeddings(alpha, embedding) if alpha.probs.shape[0] else inputs[:0]
+        sequence = torch.cat([inputs, latents, embedding(torch.tensor([IDS.think_close]))])[None]
+        answer = []
+        with torch.no_grad():
+            while len(answer) < 5 and IDS.end not in answer:
+                token = int(model(inputs_embeds=sequence).logits[0, -1].argmax())
+                answer.append(token)
+                sequence = torch.cat([sequence, embedding(torch.tensor([[token]]))], dim=1)
+        answer = answer[: answer.index(IDS.end)] if IDS.end in answer else answer
+        assert answer  # the random model says something before <end>: the comparison has content
+        assert answer == d.answer_ids
+
+
+def test_teacher_comparison_is_kl_and_top1_agreement_of_each_step(model):
+    prompt = PROMPTS[1]
+    teacher = teacher_alphas([2])
+    decoded = decode(CloseThinkingAt(model, position=10**6), [prompt], IDS, settings(max_latent_steps=4),
+                     LatentMode(top_k=4), keep_top=VOCAB, progress=False, teacher=teacher)[0]
+    # free-running: 4 own steps, the first 2 compared with the teacher's 2 latents, the rest not
+    assert [s.teacher_kl is not None for s in decoded.latent_steps] == [True, True, False, False]
+    for step, q, ids in zip(decoded.latent_steps, teacher[0].probs, teacher[0].ids):
+        student = dict(zip(step.ids, step.probs))  # the whole vocabulary (keep_top=VOCAB)
+        expected = sum(float(qi) * (math.log(float(qi)) - math.log(student[int(i)])) for qi, i in zip(q, ids))
+        assert step.teacher_kl == pytest.approx(expected, abs=1e-6)
+        assert step.teacher_agrees == (int(ids[q.argmax()]) == step.ids[0])
+    # a teacher equal to the student's own top-1 agrees, with KL = -log p(top-1)
+    own = decoded.latent_steps[0]
+    matching = [SparseAlpha(ids=torch.tensor([[own.ids[0]]]), probs=torch.tensor([[1.0]], dtype=torch.float64))]
+    again = decode(CloseThinkingAt(model, position=10**6), [prompt], IDS, settings(max_latent_steps=1),
+                   LatentMode(top_k=4), keep_top=VOCAB, progress=False, teacher=matching)[0]
+    assert again.latent_steps[0].teacher_agrees is True
+    assert again.latent_steps[0].teacher_kl == pytest.approx(-math.log(own.probs[0]), abs=1e-6)
+
+
+def test_following_the_teacher_needs_one_teacher_per_prompt(model):
+    with pytest.raises(ValueError, match="2 teacher alphas for 5 prompts"):
+        decode(model, PROMPTS, IDS, settings(), LatentMode(top_k=4), teacher=teacher_alphas([1, 1]), progress=False)
+    with pytest.raises(ValueError, match="follow_teacher needs"):
+        decode(model, PROMPTS, IDS, settings(), None, teacher=teacher_alphas([1] * 5), follow_teacher=True,
+               progress=False)
