@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from latent_sft_core.errors import PipelineError
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
+# multipliers and divisors of the synthetic in-distribution problems stay 2..9: products are table facts
+SYNTHETIC_MAX_FACTOR = 9
 
 
 class ParamsError(PipelineError):
@@ -82,16 +84,24 @@ class SyntheticParams(Strict):
     min_steps: int = Field(default=1, ge=1)
     max_steps: int = Field(default=3, ge=1)
     max_operand: int = Field(default=10, ge=2, description="largest number stated in a problem")
-    hard_max_operand: int = Field(default=100, ge=2, description="largest number in the 'hard' split")
+    hard_max_factor: int = Field(
+        default=10, ge=2, description="largest multiplier or divisor in the 'hard' split (training: 2..9)"
+    )
+    reworded_distractors: int = Field(default=1, ge=0, description="irrelevant sentences per 'reworded' problem")
     alt_chains: int = Field(default=3, ge=0, description="alternative valid chains stored per test problem")
+
+    @property
+    def max_factor(self) -> int:
+        """The largest multiplier or divisor of the in-distribution splits."""
+        return min(SYNTHETIC_MAX_FACTOR, self.max_operand)
 
     @model_validator(mode="after")
     def _ranges(self) -> SyntheticParams:
         if self.min_steps > self.max_steps:
             raise ValueError("min_steps must be <= max_steps")
-        if self.hard_max_operand <= self.max_operand:
-            # the 'hard' split is defined by numbers above max_operand, so there must be room for them
-            raise ValueError("hard_max_operand must be > max_operand")
+        if self.hard_max_factor <= self.max_factor:
+            # every 'hard' problem multiplies or divides by a number above the trained ones, so there must be room
+            raise ValueError(f"hard_max_factor must be > min({SYNTHETIC_MAX_FACTOR}, max_operand)")
         return self
 
 

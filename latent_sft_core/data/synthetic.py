@@ -3,8 +3,9 @@
 Each problem is a few short English sentences; its chain is a list of calculator steps ``<<a op b=c>>``
 joined by single spaces, and its answer is the result of the last step. The arithmetic is kept learnable:
 integers only, exact divisions, no negative (or zero) result anywhere, multipliers and divisors between 2
-and 9, every other stated number between 2 and ``max_operand``, every product and quotient a fact of the
-``max_operand`` x 9 multiplication table, and every result at most ``RESULT_LIMIT_FACTOR * max_operand``.
+and 9 (``config.SYNTHETIC_MAX_FACTOR``), every other stated number between 2 and ``max_operand``, every
+product and quotient a fact of the ``max_operand`` x 9 multiplication table, and every result at most
+``RESULT_LIMIT_FACTOR * max_operand``.
 
 A problem is an expression tree rendered by sentence templates:
 
@@ -12,14 +13,33 @@ A problem is an expression tree rendered by sentence templates:
   ("Tom has 5 apples." / "Ann buys 3 bags of 4 pens and 2 bags of 5." -> ``<<3*4=12>> <<2*5=10>> <<12+10=22>>``),
 - then one sentence per further step, each changing the running quantity
   ("He buys 3 more." -> ``<<5+3=8>>``, "He gives away 2." -> ``<<8-2=6>>``),
-- then the question. Each sentence maps to exactly one operation, so the chain follows from the text.
+- then the question. Each sentence maps to exactly one operation (``two_step`` aside), so the chain follows
+  from the text.
 
-Splits: ``train``, ``val``, ``test`` (in-distribution) and three out-of-distribution evaluation splits:
-``hard`` (stated numbers up to ``hard_max_operand``, at least one above ``max_operand``; like GSM-Hard),
-``reworded`` (other sentence templates plus an irrelevant sentence with a number; like SVAMP) and
-``two_step`` (exactly two steps; like MultiArith). No split shares a question with ``train`` or with another
-evaluation split. Evaluation splits other than ``val`` carry up to ``alt_chains`` alternative chains per
-problem: the same computation with commutable terms or independent sub-results in another order.
+Splits: ``train``, ``val``, ``test`` (in-distribution; ``val`` only picks checkpoints) and three
+out-of-distribution evaluation splits. Each changes one thing and keeps the rest of training: its words
+(the byte-level tokenizer is trained on ``train``, and a tiny model cannot even copy a number it never saw in
+a question) and its stated numbers 2..``max_operand``:
+
+- ``hard`` (like GSM-Hard: the same problems, harder computation): every problem has the longest trained
+  chain, ``max_steps`` steps, and multiplies or divides by a number above 9, up to ``hard_max_factor``
+  ("Tom buys 10 bags of 7 pens.", "He splits them into 10 equal piles and keeps one.");
+- ``reworded`` (like SVAMP: other wording and irrelevant information): the steps name the person instead of
+  a pronoun ("Tom buys 3 more.") and ``reworded_distractors`` sentences about another person's other items
+  ("Ann has 7 pens."), made from the opening template, stand anywhere between the opening and the question;
+- ``two_step`` (like MultiArith: simple two-step problems): a starting quantity, then both steps in one
+  sentence ("Tom has 5 apples. He buys 3 more and gives away 2."), where training gives each further step
+  a sentence of its own.
+
+A first design took numbers up to 100 for ``hard`` and sentence templates never seen in training for
+``reworded``: the tiny CoT-SFT model scored about 1% on both (and 99% on plain two-step problems), so they
+could not tell methods apart. Chains longer than ``max_steps`` are no better a test for it: it stops after
+``max_steps`` steps, about 5% right at one step more. With the splits above the same model (93% on ``test``)
+scores about 69% on ``hard``, 55% on ``reworded`` and 44% on ``two_step``.
+
+No split shares a question with ``train`` or with another evaluation split. Evaluation splits other than
+``val`` carry up to ``alt_chains`` alternative chains per problem: the same computation with commutable terms
+or independent sub-results in another order.
 
 Everything is derived from ``seed`` through split-local ``random.Random`` instances, so the same params and
 seed give the same rows; changing one split's size or ``alt_chains`` does not change the problems of another
@@ -41,7 +61,6 @@ IN_DISTRIBUTION_SPLITS = ("train", "val", "test")
 OOD_SPLITS = ("hard", "reworded", "two_step")
 SPLITS = IN_DISTRIBUTION_SPLITS + OOD_SPLITS
 
-MAX_FACTOR = 9
 RESULT_LIMIT_FACTOR = 10
 # alternative chains are drawn from at most this many enumerated candidates (permutations grow factorially)
 _MAX_CANDIDATE_CHAINS = 200
@@ -149,12 +168,6 @@ def _alternative_chains(node: _Node, count: int, rng: random.Random) -> tuple[st
     return tuple(" ".join(chain) for chain in chosen)
 
 
-def _stated_numbers(node: _Node) -> list[int]:
-    if isinstance(node, _Num):
-        return [node.value]
-    return _stated_numbers(node.left) + _stated_numbers(node.right)
-
-
 # ------------------------------------------------------------------------------------------- wording
 
 
@@ -165,10 +178,9 @@ class _Wording:
     openings: tuple[str, str, str, str]
     steps: dict[str, str]
     question: str
-    distractors: tuple[str, ...] = ()
 
 
-_STANDARD = _Wording(
+_WORDING = _Wording(
     openings=(
         "{name} has {s} {item}.",
         "{name} buys {a} bags of {b} {item}.",
@@ -184,36 +196,24 @@ _STANDARD = _Wording(
     question="How many {item} does {name} have now?",
 )
 
-# SVAMP-like: the same operations in other words, plus one irrelevant sentence with a number
-_REWORDED = _Wording(
-    openings=(
-        "{name} starts with {s} {item}.",
-        "{name} gets {a} boxes with {b} {item} in each.",
-        "{name} starts with {s} {item} and gets {a} boxes with {b} in each.",
-        "{name} gets {a} boxes with {b} {item} in each and {c} boxes with {d} in each.",
-    ),
-    steps={
-        "+": "Later {pronoun} finds another {n}.",
-        "-": "{pronoun} hands {n} to a friend.",
-        "*": "Then the pile grows to {n} times its size.",
-        "/": "{pronoun} divides them into {n} equal groups and keeps one group.",
-    },
-    question="What is the number of {item} {name} has in the end?",
-    distractors=("{other} owns {m} {other_item}.", "{other} is {m} years old."),
-)
-
 
 # ------------------------------------------------------------------------------------------- problems
 
 
 @dataclass(frozen=True)
 class _SplitStyle:
-    wording: _Wording
     min_steps: int
     max_steps: int
     max_operand: int
-    # the largest stated number must be above this (the 'hard' split; 0: no requirement)
-    must_exceed: int = 0
+    max_factor: int
+    # every problem multiplies or divides by at least this once (the 'hard' split; 0: no requirement)
+    min_largest_factor: int = 0
+    # the steps name the person instead of a pronoun (the 'reworded' split)
+    names_in_steps: bool = False
+    # sentences about another person's other items (the 'reworded' split)
+    distractors: int = 0
+    # an opening without steps, then all further steps in one sentence (the 'two_step' split)
+    joined_steps: bool = False
     alt_chains: int = 0
 
 
@@ -227,42 +227,52 @@ class _ProblemDrawer:
     def __init__(self, rng: random.Random, style: _SplitStyle) -> None:
         self.rng = rng
         self.style = style
-        self.max_factor = min(MAX_FACTOR, style.max_operand)
         self.result_limit = RESULT_LIMIT_FACTOR * style.max_operand
+        self.largest_factor = 0  # of the problem being drawn
 
     def number(self) -> int:
         return self.rng.randint(2, self.style.max_operand)
 
     def factor(self) -> int:
-        return self.rng.randint(2, self.max_factor)
+        return self._record_factor(self.rng.randint(2, self.style.max_factor))
+
+    def _record_factor(self, factor: int) -> int:
+        self.largest_factor = max(self.largest_factor, factor)
+        return factor
 
     def draw(self) -> tuple[str, _Node]:
         while True:
+            self.largest_factor = 0
             try:
                 question, tree = self._attempt()
             except _Dead:
                 continue
-            if max(_stated_numbers(tree)) > self.style.must_exceed:
+            if self.largest_factor >= self.style.min_largest_factor:
                 return question, tree
 
     def _attempt(self) -> tuple[str, _Node]:
-        rng, wording = self.rng, self.style.wording
-        total_steps = rng.randint(self.style.min_steps, self.style.max_steps)
-        opening_steps = rng.randint(0, min(3, total_steps))
+        rng, style = self.rng, self.style
+        total_steps = rng.randint(style.min_steps, style.max_steps)
+        opening_steps = 0 if style.joined_steps else rng.randint(0, min(3, total_steps))
         name, pronoun = rng.choice(_NAMES)
         item = rng.choice(_ITEMS)
+        subject = name if style.names_in_steps else pronoun
         tree, slots = self._opening(opening_steps)
-        sentences = [wording.openings[opening_steps].format(name=name, item=item, **slots)]
+        sentences = [_WORDING.openings[opening_steps].format(name=name, item=item, **slots)]
         for _ in range(total_steps - opening_steps):
             tree = self._next_step(tree)
-            sentence = wording.steps[tree.symbol].format(pronoun=pronoun, n=tree.right.value)
+            sentence = _WORDING.steps[tree.symbol].format(pronoun=subject, n=tree.right.value)
             sentences.append(sentence[0].upper() + sentence[1:])
-        if wording.distractors:
+        if style.joined_steps:
+            # "He buys 3 more." + "He gives away 2." -> "He buys 3 more and gives away 2."
+            first, *others = (sentence.removesuffix(".") for sentence in sentences[1:])
+            sentences[1:] = [" and ".join([first, *(other.split(" ", 1)[1] for other in others)]) + "."]
+        for _ in range(style.distractors):
             other = rng.choice([candidate for candidate, _ in _NAMES if candidate != name])
             other_item = rng.choice([candidate for candidate in _ITEMS if candidate != item])
-            distractor = rng.choice(wording.distractors).format(other=other, m=self.number(), other_item=other_item)
+            distractor = _WORDING.openings[0].format(name=other, s=self.number(), item=other_item)
             sentences.insert(rng.randint(1, len(sentences)), distractor)
-        sentences.append(wording.question.format(name=name, item=item))
+        sentences.append(_WORDING.question.format(name=name, item=item))
         return " ".join(sentences), tree
 
     def _opening(self, steps: int) -> tuple[_Node, dict[str, int]]:
@@ -288,22 +298,20 @@ class _ProblemDrawer:
 
     def _next_step(self, tree: _Node) -> _Op:
         """One operation on the running quantity, chosen among those that keep every rule."""
-        value, limit = tree.value, self.result_limit
+        value, limit, max_factor = tree.value, self.result_limit, self.style.max_factor
         choices: list[tuple[str, list[int]]] = [
             ("+", list(range(2, min(self.style.max_operand, limit - value) + 1))),
             ("-", list(range(2, min(self.style.max_operand, value - 1) + 1))),
-            # products and quotients stay facts of the max_operand x 9 table: learnable without long arithmetic
-            ("*", [k for k in range(2, self.max_factor + 1) if value <= self.style.max_operand and value * k <= limit]),
-            (
-                "/",
-                [k for k in range(2, self.max_factor + 1) if value % k == 0 and value // k <= self.style.max_operand],
-            ),
+            # products and quotients stay facts of the max_operand x max_factor table: no long arithmetic
+            ("*", [k for k in range(2, max_factor + 1) if value <= self.style.max_operand and value * k <= limit]),
+            ("/", [k for k in range(2, max_factor + 1) if value % k == 0 and value // k <= self.style.max_operand]),
         ]
         feasible = [(symbol, operands) for symbol, operands in choices if operands]
         if not feasible:
             raise _Dead
         symbol, operands = self.rng.choice(feasible)
-        return _op(symbol, tree, _Num(self.rng.choice(operands)))
+        operand = self.rng.choice(operands)
+        return _op(symbol, tree, _Num(self._record_factor(operand) if symbol in "*/" else operand))
 
 
 # ------------------------------------------------------------------------------------------- splits
@@ -312,10 +320,10 @@ class _ProblemDrawer:
 def _split_styles(params: SyntheticParams) -> list[tuple[str, int, _SplitStyle]]:
     def style(**overrides: object) -> _SplitStyle:
         settings: dict[str, object] = {
-            "wording": _STANDARD,
             "min_steps": params.min_steps,
             "max_steps": params.max_steps,
             "max_operand": params.max_operand,
+            "max_factor": params.max_factor,
             "alt_chains": params.alt_chains,
         }
         settings.update(overrides)
@@ -325,9 +333,17 @@ def _split_styles(params: SyntheticParams) -> list[tuple[str, int, _SplitStyle]]
         ("train", params.train_size, style(alt_chains=0)),
         ("val", params.val_size, style(alt_chains=0)),
         ("test", params.test_size, style()),
-        ("hard", params.ood_size, style(max_operand=params.hard_max_operand, must_exceed=params.max_operand)),
-        ("reworded", params.ood_size, style(wording=_REWORDED)),
-        ("two_step", params.ood_size, style(min_steps=2, max_steps=2)),
+        (
+            "hard",
+            params.ood_size,
+            style(
+                min_steps=params.max_steps,
+                max_factor=params.hard_max_factor,
+                min_largest_factor=params.max_factor + 1,
+            ),
+        ),
+        ("reworded", params.ood_size, style(names_in_steps=True, distractors=params.reworded_distractors)),
+        ("two_step", params.ood_size, style(min_steps=2, max_steps=2, joined_steps=True)),
     ]
 
 

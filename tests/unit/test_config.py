@@ -55,6 +55,7 @@ def test_bad_choice_lists_allowed_values():
         ({"base": {"top_k": "ten"}}, "base.top_k"),
         ({"base_model": {"train": {"lr": -1}}}, "base_model.train.lr"),
         ({"prepare_data": {"synthetic": {"min_steps": 4, "max_steps": 2}}}, "min_steps must be <= max_steps"),
+        ({"prepare_data": {"synthetic": {"hard_max_factor": 9}}}, "hard_max_factor must be > min(9, max_operand)"),
         ({"base_model": {"tiny": {"hidden_size": 30, "num_heads": 4}}}, "divisible"),
         ({"base": {"model": {"source": "path"}}}, "model.path is required"),
         ({"base": {"text": {"answer_template": "no slot"}}}, "{answer}"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import statistics
 
@@ -19,6 +21,8 @@ SEED = 11
 STEP = re.compile(r"<<(\d+)([-+*/])(\d+)=(\d+)>>")
 NUMBER = re.compile(r"\d+")
 NAMES = {"Tom", "Ann", "Sam", "Mia", "Ben", "Eva"}
+# a multiplier or divisor as the question states it: "10 bags of", "10 times as many", "10 equal piles"
+FACTOR = re.compile(r"(\d+) (?:bags of|times as many|equal piles)")
 
 
 @pytest.fixture(scope="module")
@@ -71,26 +75,43 @@ def test_every_chain_is_correct_and_ends_in_the_answer(data: dict[str, list[Exam
                 assert str(evaluate_chain(chain, row.question)[-1]) == row.answer, chain
 
 
+def test_train_val_test_rows_are_those_of_the_first_design() -> None:
+    # digests of the rows before the OOD splits were redesigned: trained models and tokenizers stay valid
+    def digest(rows: list[Example]) -> str:
+        content = [[row.id, row.question, row.cot, row.answer, list(row.alt_cots)] for row in rows]
+        return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+
+    expected = {
+        SEED: {"train": "6729d8c7edf74d29", "val": "fc56fd57643460c0", "test": "5121731984081414"},
+        0: {"train": "b31db83f3546865a", "val": "b2f340f4c5777137", "test": "159f65ed79c2481d"},
+    }
+    for params, seed in ((PARAMS, SEED), (SyntheticParams(), 0)):
+        data = generate_synthetic(params, seed)
+        assert {split: digest(data[split]) for split in ("train", "val", "test")} == expected[seed]
+
+
 def test_step_counts_within_range(data: dict[str, list[Example]]) -> None:
-    for split in ("train", "val", "test", "hard", "reworded"):
+    for split in ("train", "val", "test", "reworded"):
         counts = {len(row.cot.split(" ")) for row in data[split]}
         assert counts == set(range(PARAMS.min_steps, PARAMS.max_steps + 1)), split
+    assert {len(row.cot.split(" ")) for row in data["hard"]} == {PARAMS.max_steps}
     assert {len(row.cot.split(" ")) for row in data["two_step"]} == {2}
 
 
-def test_numbers_and_results_stay_small_in_distribution(data: dict[str, list[Example]]) -> None:
+def test_numbers_and_results_stay_in_the_trained_range(data: dict[str, list[Example]]) -> None:
     limit = RESULT_LIMIT_FACTOR * PARAMS.max_operand
-    for split in ("train", "val", "test", "reworded", "two_step"):
-        for row in data[split]:
+    for split, rows in data.items():
+        max_factor = PARAMS.hard_max_factor if split == "hard" else 9
+        for row in rows:
             assert all(2 <= int(n) <= PARAMS.max_operand for n in NUMBER.findall(row.question)), row.question
             assert max(evaluate_chain(row.cot, row.question)) <= limit, row.cot
-            # products and quotients are facts of the max_operand x 9 table
+            # products and quotients are facts of the max_operand x max_factor table
             for left, symbol, right, result in STEP.findall(row.cot):
                 if symbol == "*":
                     smaller, larger = sorted((int(left), int(right)))
-                    assert smaller <= 9 and larger <= PARAMS.max_operand, row.cot
+                    assert smaller <= max_factor and larger <= PARAMS.max_operand, row.cot
                 if symbol == "/":
-                    assert 2 <= int(right) <= 9 and int(result) <= PARAMS.max_operand, row.cot
+                    assert 2 <= int(right) <= max_factor and int(result) <= PARAMS.max_operand, row.cot
 
 
 def test_questions_are_short(data: dict[str, list[Example]]) -> None:
@@ -101,33 +122,61 @@ def test_questions_are_short(data: dict[str, list[Example]]) -> None:
     assert len({word for word in vocabulary if not word.isdigit()}) < 80
 
 
-def test_hard_split_has_bigger_numbers(data: dict[str, list[Example]]) -> None:
+def _words(rows: list[Example]) -> set[str]:
+    return {word.strip(".?") for row in rows for word in row.question.split() if not word.isdigit()}
+
+
+def test_ood_splits_use_only_words_of_the_training_data(data: dict[str, list[Example]]) -> None:
+    for split in OOD_SPLITS:
+        assert _words(data[split]) <= _words(data["train"]), split
+
+
+def test_hard_split_multiplies_or_divides_by_more_than_training_does(data: dict[str, list[Example]]) -> None:
+    assert max(int(factor) for row in data["train"] for factor in FACTOR.findall(row.question)) == 9
     for row in data["hard"]:
-        numbers = [int(n) for n in NUMBER.findall(row.question)]
-        assert max(numbers) > PARAMS.max_operand, row.question
-        assert max(numbers) <= PARAMS.hard_max_operand
-    mean_hard = statistics.mean(int(row.answer) for row in data["hard"])
-    mean_test = statistics.mean(int(row.answer) for row in data["test"])
-    assert mean_hard > 3 * mean_test
+        assert max(int(factor) for factor in FACTOR.findall(row.question)) == PARAMS.hard_max_factor, row.question
 
 
-def _sentence_shapes(rows: list[Example]) -> set[str]:
-    """Sentences with numbers, names and items blanked: the templates a split uses."""
-    shapes = set()
-    for row in rows:
-        for sentence in re.split(r"(?<=[.?])\s+", row.question):
-            words = ["N" if word.isdigit() else "X" if word in NAMES else word for word in sentence.split()]
-            shapes.add(" ".join(words[:3]))
-    return shapes
+def _sentences(question: str) -> list[str]:
+    return re.split(r"(?<=[.?])\s+", question)
 
 
-def test_reworded_split_uses_other_templates_and_a_distractor(data: dict[str, list[Example]]) -> None:
-    assert not _sentence_shapes(data["reworded"]) & _sentence_shapes(data["train"])
+def _shape(sentence: str) -> str:
+    """A sentence with numbers, names and pronouns blanked: the template it comes from."""
+    blanks = {**dict.fromkeys(NAMES, "X"), "He": "X", "She": "X"}
+    return " ".join("N" if word.isdigit() else blanks.get(word, word) for word in sentence.split())
+
+
+def test_reworded_split_names_the_person_and_states_another_ones_items(data: dict[str, list[Example]]) -> None:
     # a chain of n binary steps uses n + 1 stated numbers; reworded problems state one irrelevant number more
     for row in data["train"]:
         assert len(NUMBER.findall(row.question)) == len(row.cot.split(" ")) + 1, row.question
     for row in data["reworded"]:
         assert len(NUMBER.findall(row.question)) == len(row.cot.split(" ")) + 2, row.question
+        opening, *middle, question = _sentences(row.question)
+        name = opening.split()[0]
+        assert question.split()[-3] == name, row.question
+        distractors = [sentence for sentence in middle if sentence.split()[0] != name]
+        assert len(distractors) == 1, row.question
+        other, _, _, item = distractors[0].removesuffix(".").split()
+        assert other in NAMES and item not in question, row.question
+    starts = {sentence.split()[0] for row in data["reworded"] for sentence in _sentences(row.question)}
+    assert not starts & {"He", "She"}
+    assert {"He", "She"} <= {sentence.split()[0] for row in data["train"] for sentence in _sentences(row.question)}
+
+
+def test_two_step_split_joins_both_steps_in_one_sentence_training_never_has(data: dict[str, list[Example]]) -> None:
+    train_shapes = {_shape(sentence) for row in data["train"] for sentence in _sentences(row.question)}
+    for row in data["two_step"]:
+        opening, steps, _ = _sentences(row.question)
+        assert len(NUMBER.findall(opening)) == 1 and " and " in steps, row.question
+        assert _shape(opening) in train_shapes and _shape(steps) not in train_shapes, row.question
+
+
+def test_reworded_distractors_is_the_number_of_irrelevant_sentences() -> None:
+    params = SyntheticParams(train_size=50, val_size=0, test_size=0, ood_size=30, reworded_distractors=3)
+    for row in generate_synthetic(params, SEED)["reworded"]:
+        assert len(NUMBER.findall(row.question)) == len(row.cot.split(" ")) + 4, row.question
 
 
 def test_no_question_shared_between_train_and_other_splits(data: dict[str, list[Example]]) -> None:
@@ -193,7 +242,7 @@ def test_problem_space_too_small_is_a_data_error() -> None:
         min_steps=1,
         max_steps=1,
         max_operand=2,
-        hard_max_operand=3,
+        hard_max_factor=3,
     )
     with pytest.raises(DataError, match="distinct 'test' problems"):
         generate_synthetic(params, 0)
