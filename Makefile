@@ -6,6 +6,8 @@ VENV_FLAGS ?=
 # The CPU wheel on these machines; only installed when the environment has no torch at all.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# e.g. `make bench-method METHOD_TABLE_ARGS="--max-minutes 50 --seeds 0 1 2 3"`
+METHOD_TABLE_ARGS ?=
 BIN := $(VENV)/bin
 # DVC runs each stage as `python -m tasks.<stage>`: that python must be the environment's
 export PATH := $(abspath $(BIN)):$(PATH)
@@ -46,15 +48,16 @@ lint: install
 	$(BIN)/ruff check latent_sft_core tasks flows bench tests
 
 # Cost benchmarks (minutes; run alone: a second busy process on the 2 cores skews every timing), then the
-# method table (Latent-SFT(2) and the ablations as `dvc exp run` experiments, the no-CoT baseline: about an
-# hour). Both write their sections of BENCHMARKS.md; both need the default pipeline's outputs (`make run`).
+# method table (every row over seeds 0 1 2 as `dvc exp run` experiments, the no-CoT baseline: hours, resumed
+# over sittings of at most --max-minutes). Both write their sections of BENCHMARKS.md; both need the default
+# pipeline's outputs (`make run`).
 bench: run
 	$(BIN)/python -m bench.step_cost
 	$(BIN)/python -m bench.latent_decoding
 	$(BIN)/python -m bench.soft_label_cache
 
 bench-method: run
-	$(BIN)/python -m bench.method_table
+	$(BIN)/python -m bench.method_table $(METHOD_TABLE_ARGS)
 
 # The Prefect server and UI on http://127.0.0.1:$(PREFECT_PORT); the UI takes its API address from these settings
 server: install

@@ -1,75 +1,134 @@
-"""The method's results on the embedded benchmark (the paper's Table 1): Pass@1 and #L of every variant.
+"""The method's results on the embedded benchmark (the paper's Table 1): Pass@1 and #L of every row, over seeds.
 
-Rows:
+Every row runs once per seed (``--seeds``, default 0 1 2):
 
-* CoT-SFT and Latent-SFT(4): the workspace's own ``metrics/evaluate.json`` (run ``dvc repro`` first);
-* Latent-SFT(2) and the ablations (hidden-state latents, w/o LTIM, w/o LTSuM): one ``dvc exp run --temp`` each
-  with its param overrides, so DVC reuses every unchanged stage from the cache (the base model, the data) and
-  records the experiment; their metrics are read back from the experiment's commit;
-* No-CoT: the base model trained to answer right after ``<think></think>`` (``base_model.reasoning: none``),
-  trained and evaluated here through the library on the workspace's data, into a temporary folder.
+* Latent-SFT(4) and the other Latent rows (``VARIANTS``: Latent-SFT(2), the ablations, and extension rows of
+  ours): one ``dvc exp run --temp`` each with the row's param overrides plus ``base.seed=<seed>``. DVC reuses
+  every unchanged stage from its cache, so each seed's base model is trained once for all rows of that seed;
+  the metrics are read back from the experiment's commit;
+* CoT-SFT: the ``cot_sft`` metrics of the Latent-SFT(4) experiment of the same seed (no run of its own);
+* No-CoT: the base model trained to answer right after ``<think></think>`` (``base_model.reasoning: none``) with
+  ``base.seed`` set, trained and evaluated here through the library on the workspace's data, in a temporary folder.
 
-Extra seeds (``--seeds 1 2``) repeat the Latent-SFT rows with ``base.seed`` changed, which retrains the base
-model too; each cell is then mean ± std over the seeds. Writes the table into BENCHMARKS.md.
+Each finished run is kept as ``bench/results/method_table/<row>/seed<N>.json`` (its metrics files, overrides,
+seed, date, machine, wall minutes and a fingerprint of the overrides and params.yaml). A rerun skips the
+(row, seed) pairs kept with the current fingerprint and reruns those made with other params (``--keep-stale``
+keeps them instead), so the table fills up over several sittings: no run starts once ``--max-minutes`` have
+passed. The work goes seed by seed, Latent-SFT(4) first. After every run the table is written into
+BENCHMARKS.md from all kept results: mean ± std over seeds per row, then the per-seed Latent diagnostics.
 
-    python -m bench.method_table [--variants all|name ...] [--seeds 1 2] [--no-nocot]
+    python -m bench.method_table [--variants all|name ...] [--seeds 0 1 2] [--no-nocot] [--max-minutes 110]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
 import json
+import re
 import shlex
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from bench.report import machine_line, update_section
+from bench.report import BENCHMARKS_MD, machine_line, update_section
 from latent_sft_core import paths
-from latent_sft_core.base_model import train_base_model
-from latent_sft_core.config import Params, load_params
-from latent_sft_core.evaluation import EvaluationOutputs, evaluate
+from latent_sft_core.config import load_params
+from latent_sft_core.io import write_json
 
-# name -> `dvc exp run -S` overrides; Latent-SFT(4) is the default configuration itself.
+DEFAULT_ROW = "Latent-SFT(4)"  # the default params
+COT_ROW = "CoT-SFT"
+NO_COT_ROW = "No-CoT"
+# Latent row -> `dvc exp run -S` overrides on top of the default params (and base.seed).
 VARIANTS: dict[str, list[str]] = {
     "Latent-SFT(2)": ["base.compression_rate=2"],
     "Hidden state (c=4)": ["latent.kind=hidden_state"],
     "w/o LTIM (c=4)": ["latent.encoder_mask=causal"],
     "w/o LTSuM (c=4)": ["latent.decoder_mask=causal"],
+    # Extension rows: ours, beyond the paper's table.
+    "Scheduled sampling (ours, c=4)": ["train_latent.scheduled_sampling.enabled=true"],
 }
+# What `no_cot_metrics` changes in the params; recorded with its runs and part of their fingerprint.
+NO_COT_OVERRIDES = ["base_model.reasoning=none", "evaluate.models=[cot_sft]"]
 EXP_PREFIX = "method"
+RESULTS_DIR = Path("bench/results/method_table")
+METRIC_FILES = ["evaluate.json", "cache_soft_labels.json", "train_encoder.json", "train_decoder.json",
+                "train_joint.json", "train_latent.json"]
+RESULT_NAME = re.compile(r"seed(\d+)\.json")
 
-ModelMetrics = dict[str, dict[str, float]]  # split -> metric -> value
-Metrics = dict[str, ModelMetrics]  # model -> split -> metric -> value
+RunMetrics = dict[str, Any]  # metrics file name -> its content
+Result = dict[str, Any]  # one kept run, as stored
+Results = dict[tuple[str, int], Result]  # (row, seed) -> its kept run
 
 
 def slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
 
 
-def run_experiment(name: str, overrides: list[str]) -> Metrics:
-    """``dvc exp run --temp`` with ``overrides``; returns the experiment's metrics/evaluate.json."""
+def all_rows() -> dict[str, list[str]]:
+    """Every row that runs, in the order of the runs within a seed -> its overrides."""
+    return {DEFAULT_ROW: [], **VARIANTS, NO_COT_ROW: NO_COT_OVERRIDES}
+
+
+def fingerprint(overrides: list[str], params_text: str) -> str:
+    """Identifies what a row's runs were made with; a kept run with another one is out of date."""
+    return hashlib.sha256(json.dumps([sorted(overrides), params_text]).encode()).hexdigest()
+
+
+def result_path(results_dir: Path, row: str, seed: int) -> Path:
+    return results_dir / slug(row) / f"seed{seed}.json"
+
+
+def load_results(results_dir: Path, rows: list[str]) -> Results:
+    """Every kept run of ``rows``; staging folders of an interrupted write are not results."""
+    results: Results = {}
+    for row in rows:
+        for path in sorted((results_dir / slug(row)).glob("seed*.json")):
+            match = RESULT_NAME.fullmatch(path.name)
+            if match is None:
+                continue
+            try:
+                results[row, int(match[1])] = json.loads(path.read_text())
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: not valid JSON ({error}); delete it to rerun that run") from None
+    return results
+
+
+def run_experiment(name: str, overrides: list[str]) -> RunMetrics:
+    """``dvc exp run --temp`` with ``overrides``; returns the experiment's files among METRIC_FILES."""
     exp_name = f"{EXP_PREFIX}-{slug(name)}-{int(time.time())}"
     command = ["dvc", "exp", "run", "--temp", "--name", exp_name]
     for override in overrides:
         command += ["--set-param", override]
     print("$", shlex.join(command), flush=True)
     subprocess.run(command, check=True)
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], check=True,
-                          capture_output=True, text=True).stdout.split()
+
+    def git(*arguments: str) -> str:
+        return subprocess.run(["git", *arguments], check=True, capture_output=True, text=True).stdout
+
+    refs = git("for-each-ref", "--format=%(refname)", "refs/exps").split()
     ref = next((r for r in refs if r.endswith(f"/{exp_name}")), None)
     if ref is None:
         raise RuntimeError(f"dvc exp run finished but no git ref refs/exps/.../{exp_name} holds its results")
-    shown = subprocess.run(["git", "show", f"{ref}:{paths.METRICS_DIR / 'evaluate.json'}"], check=True,
-                           capture_output=True, text=True).stdout
-    return json.loads(shown)
+    committed = set(git("ls-tree", "--name-only", f"{ref}:{paths.METRICS_DIR.as_posix()}").split())
+    return {name: json.loads(git("show", f"{ref}:{(paths.METRICS_DIR / name).as_posix()}"))
+            for name in METRIC_FILES if name in committed}
 
 
-def no_cot_metrics(params: Params) -> Metrics:
+def no_cot_metrics(params_path: Path, seed: int) -> RunMetrics:
     """Train the no-CoT baseline on the workspace's data and evaluate it on every evaluation split."""
+    # torch and transformers take seconds to import; only this run needs them
+    from latent_sft_core.base_model import train_base_model
+    from latent_sft_core.evaluation import EvaluationOutputs, evaluate
+
+    params = load_params(params_path)
     no_cot = params.model_copy(update={
+        "base": params.base.model_copy(update={"seed": seed}),
         "base_model": params.base_model.model_copy(update={"reasoning": "none"}),
         "evaluate": params.evaluate.model_copy(update={"models": ["cot_sft"]}),
     })
@@ -81,7 +140,29 @@ def no_cot_metrics(params: Params) -> Metrics:
             metrics=folder / "evaluate.json", report=folder / "report.md", predictions=folder / "predictions.parquet",
             ecr_plot=folder / "ecr.csv", heatmap_plot=folder / "heatmap.json",
         )
-        return evaluate(no_cot, paths.CHUNKED_DIR, {"cot_sft": folder / "model"}, outputs)
+        return {"evaluate.json": evaluate(no_cot, paths.CHUNKED_DIR, {"cot_sft": folder / "model"}, outputs)}
+
+
+def run_once(row: str, seed: int, overrides: list[str], params_path: Path) -> RunMetrics:
+    if row == NO_COT_ROW:
+        return no_cot_metrics(params_path, seed)
+    return run_experiment(f"{row} seed{seed}", [*overrides, f"base.seed={seed}"])
+
+
+def elapsed_minutes(since: float) -> float:
+    return (time.monotonic() - since) / 60
+
+
+# ------------------------------------------------------------------------------------------- the table
+
+
+def dig(mapping: Any, *keys: str) -> Any:
+    """``mapping[k1][k2]...``, or None where a level is missing."""
+    for key in keys:
+        if not isinstance(mapping, dict) or key not in mapping:
+            return None
+        mapping = mapping[key]
+    return mapping
 
 
 def cell(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
@@ -93,70 +174,164 @@ def cell(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
-def table(rows: dict[str, list[ModelMetrics]], splits: list[str]) -> str:
-    """Markdown: one row per method, Pass@1 % and #L per split (mean ± std over the runs of that row)."""
-    head = "| method | runs | " + " | ".join(f"{s} Pass@1 % | {s} #L" for s in splits) + " |"
-    rule = "|---|---|" + "---|---|" * len(splits)
-    lines = [head, rule]
-    for name, runs in rows.items():
-        cells = []
+def markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def percent(value: float | None) -> str:
+    return "–" if value is None else f"{value * 100:.1f}"
+
+
+def table_rows() -> dict[str, tuple[str, str]]:
+    """Table row -> (the row whose runs it reads, its model in their evaluate.json)."""
+    return {COT_ROW: (DEFAULT_ROW, "cot_sft"), NO_COT_ROW: (NO_COT_ROW, "cot_sft"),
+            **{row: (row, "latent_sft") for row in (DEFAULT_ROW, *VARIANTS)}}
+
+
+def summary_table(results: Results) -> str:
+    """Markdown: one line per table row, seeds and Pass@1 % and #L per split (mean ± std over the seeds)."""
+    per_row = {
+        name: [result["metrics"]["evaluate.json"][model] for (row, _), result in sorted(results.items())
+               if row == source and model in result["metrics"]["evaluate.json"]]
+        for name, (source, model) in table_rows().items()
+    }
+    splits = sorted({split for model_runs in per_row.values() for runs in model_runs for split in runs},
+                    key=lambda split: (split != "test", split != "val", split))
+    lines = [markdown_row(["method", "seeds", *(f"{s} {metric}" for s in splits for metric in ("Pass@1 %", "#L"))]),
+             "|---|---|" + "---|---|" * len(splits)]
+    for name, model_runs in per_row.items():
+        cells = [name, str(len(model_runs))]
         for split in splits:
-            cells.append(cell([run[split]["pass@1"] for run in runs if split in run], scale=100))
-            cells.append(cell([run[split]["mean_reasoning_tokens"] for run in runs if split in run], digits=2))
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+            cells.append(cell([runs[split]["pass@1"] for runs in model_runs if split in runs], scale=100))
+            cells.append(cell([runs[split]["mean_reasoning_tokens"] for runs in model_runs if split in runs],
+                              digits=2))
+        lines.append(markdown_row(cells))
     return "\n".join(lines)
 
 
-def main() -> None:
+def per_seed_table(results: Results) -> str:
+    """Markdown: per Latent row and seed, phase 1's latent health and the test Pass@1 of each stage."""
+    lines = ["| method | seed | phase-1 collapsed | distinct top-1 | phase-1 ceiling % | teacher-forced % "
+             "| free-running % | CoT-SFT % |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in (DEFAULT_ROW, *VARIANTS):
+        for seed in sorted(seed for kept_row, seed in results if kept_row == row):
+            health = dig(results[row, seed], "metrics", "cache_soft_labels.json", "train", "latent_health") or {}
+            collapsed = health.get("collapsed")
+            test = dig(results[row, seed], "metrics", "evaluate.json", "latent_sft", "test") or {}
+            cot_sft = dig(results.get((DEFAULT_ROW, seed)), "metrics", "evaluate.json", "cot_sft", "test", "pass@1")
+            lines.append(markdown_row([
+                row, str(seed),
+                "–" if collapsed is None else ("yes" if collapsed else "no"),
+                str(health.get("distinct_top1", "–")),
+                percent(test.get("phase1_ceiling_pass@1")), percent(test.get("teacher_forced_pass@1")),
+                percent(test.get("pass@1")), percent(cot_sft),
+            ]))
+    return "\n".join(lines)
+
+
+def section(results: Results, command: str, results_dir: Path, stale: int, keep_stale: bool,
+            left: list[tuple[str, int]]) -> str:
+    """The BENCHMARKS.md section: what was run where, then both tables."""
+    seeds = sorted({seed for _, seed in results})
+    machines = sorted({result["machine"] for result in results.values()})
+    minutes = sum(result["wall_minutes"] for result in results.values())
+    notes = []
+    if stale:
+        notes.append(f"{stale} kept runs were made with other params or overrides: "
+                     + ("included (`--keep-stale`)." if keep_stale else "left out until rerun."))
+    if left:
+        notes.append(f"Not run yet ({len(left)}): " + ", ".join(f"{row} seed {seed}" for row, seed in left) + ".")
+    return f"""## Results of the method on the embedded benchmark (the paper's Table 1)
+
+`{command}` (the latest sitting; the table is made from every run kept in `{results_dir}/`, over
+sittings). Seeds (`base.seed`, each retraining the base model): {", ".join(map(str, seeds)) or "none yet"};
+{len(results)} runs, {minutes:.0f} min of wall time in all, on: {"; ".join(machines) or "–"}.
+Pass@1 (%, greedy) and #L (mean reasoning length: CoT tokens, or latent steps) per split, mean ± std over the
+seeds; the default params (`params.yaml`) except where the method's name says. Every Latent-SFT row is a
+`dvc exp run` experiment (named `{EXP_PREFIX}-*`); CoT-SFT is the CoT-SFT model of the Latent-SFT(4) experiment of
+the same seed; No-CoT the base model trained without the chain. Rows marked "ours" go beyond the paper.
+{" ".join(notes)}
+
+{summary_table(results)}
+
+Per seed, on test: phase 1's latent health (`cache_soft_labels.json`: collapsed, distinct top-1 tokens), the
+phase-1 decoder's Pass@1 from the encoder's latents (ceiling), stage 2 teacher-forced and free-running, and
+CoT-SFT of the same seed; "–": not measured by that run.
+
+{per_seed_table(results)}
+"""
+
+
+# ------------------------------------------------------------------------------------------- the runs
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="the workspace's params file (fingerprint and No-CoT; dvc exp run reads the workspace's)")
     parser.add_argument("--variants", nargs="*", default=["all"], help=f"'all' or names among: {list(VARIANTS)}")
-    parser.add_argument("--seeds", nargs="*", type=int, default=[], help="extra base.seed values (retrain the base)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                        help="base.seed values (each retrains the base model)")
     parser.add_argument("--no-nocot", action="store_true", help="leave out the no-CoT baseline")
-    args = parser.parse_args()
-    params = load_params(args.params)
-    variants = VARIANTS if args.variants == ["all"] else {name: VARIANTS[name] for name in args.variants}
-    began = time.perf_counter()
+    parser.add_argument("--max-minutes", type=float, default=110,
+                        help="start no run once this many minutes have passed in this sitting")
+    parser.add_argument("--keep-stale", action="store_true",
+                        help="keep runs made with other params or overrides instead of rerunning them")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--benchmarks-md", type=Path, default=BENCHMARKS_MD)
+    args = parser.parse_args(argv)
+    began = time.monotonic()
+    variants = list(VARIANTS) if args.variants == ["all"] else args.variants
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
 
-    default = json.loads((paths.METRICS_DIR / "evaluate.json").read_text())
-    rows: dict[str, list[ModelMetrics]] = {
-        "CoT-SFT": [default["cot_sft"]],
-        "No-CoT": [],
-        "Latent-SFT(4)": [default["latent_sft"]],
-        **{name: [] for name in variants},
-    }
-    splits = sorted(default["cot_sft"], key=lambda split: split != "test")  # test first, then the OOD splits
-    command = "python -m bench.method_table" + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
+    rows = all_rows()
+    params_text = args.params.read_text()
+    fingerprints = {row: fingerprint(overrides, params_text) for row, overrides in rows.items()}
+    # seed-major: a seed's base model is trained by its first run and reused from DVC's run cache by the others
+    plan = [(row, seed) for seed in args.seeds
+            for row in [DEFAULT_ROW, *variants, *([] if args.no_nocot else [NO_COT_ROW])]]
+    command = shlex.join(["python", "-m", "bench.method_table", *argv])
 
-    def write_table() -> None:  # after every run, so that an interrupted table keeps what it has
-        minutes = (time.perf_counter() - began) / 60
-        update_section("method_table", f"""## Results of the method on the embedded benchmark (the paper's Table 1)
+    def current(row: str, result: Result) -> bool:
+        return result["fingerprint"] == fingerprints[row]
 
-`{command}` ({machine_line()}), {minutes:.0f} min. Pass@1 (%, greedy) and #L (mean reasoning length: CoT tokens,
-or latent steps) per split; the default params (`params.yaml`) except where the method's name says; CoT-SFT and
-Latent-SFT(4) are the default run's `metrics/evaluate.json`, the other Latent-SFT rows `dvc exp run` experiments
-(named `{EXP_PREFIX}-*`), No-CoT the base model trained without the chain. A cell with ± is mean ± std over runs;
-runs = 0: not run yet.
+    def write_table() -> list[tuple[str, int]]:
+        """Write the table from every kept run; returns the planned (row, seed) pairs still to run."""
+        kept = load_results(args.results_dir, list(rows))
+        results = {key: result for key, result in kept.items() if args.keep_stale or current(key[0], result)}
+        stale = sum(not current(row, result) for (row, _), result in kept.items())
+        left = [pair for pair in plan if pair not in results]
+        update_section("method_table", section(results, command, args.results_dir, stale, args.keep_stale, left),
+                       path=args.benchmarks_md)
+        return left
 
-{table(rows, splits)}
-""")
-
-    if args.no_nocot:
-        del rows["No-CoT"]
-    for name, overrides in variants.items():
-        rows[name].append(run_experiment(name, overrides)["latent_sft"])
+    for row, seed in plan:
+        kept = load_results(args.results_dir, [row]).get((row, seed))
+        if kept is not None and (args.keep_stale or current(row, kept)):
+            continue
+        if elapsed_minutes(began) >= args.max_minutes:
+            break
+        if kept is not None:
+            print(f"{row} seed {seed}: the kept run was made with other params or overrides; rerunning", flush=True)
+        started = time.monotonic()
+        metrics = run_once(row, seed, rows[row], args.params)
+        write_json(result_path(args.results_dir, row, seed), {
+            "row": row, "seed": seed, "overrides": [*rows[row], f"base.seed={seed}"],
+            "fingerprint": fingerprints[row], "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": machine_line(), "wall_minutes": round(elapsed_minutes(started), 2), "metrics": metrics,
+        })
         write_table()
-    if not args.no_nocot:
-        rows["No-CoT"].append(no_cot_metrics(params)["cot_sft"])
-        write_table()
-    for seed in args.seeds:
-        seeded = run_experiment(f"seed{seed}", [f"base.seed={seed}"])
-        rows["CoT-SFT"].append(seeded["cot_sft"])
-        rows["Latent-SFT(4)"].append(seeded["latent_sft"])
-        for name, overrides in variants.items():
-            rows[name].append(run_experiment(f"{name} seed{seed}", [*overrides, f"base.seed={seed}"])["latent_sft"])
-        write_table()
-    print(json.dumps(rows, indent=1))
+    left = write_table()
+    if left:
+        print(f"Stopped after {elapsed_minutes(began):.0f} min (--max-minutes {args.max_minutes:g}); "
+              f"{len(left)} of {len(plan)} runs left: " + ", ".join(f"{row} seed {seed}" for row, seed in left)
+              + ". Rerun the same command to go on.", flush=True)
+    else:
+        print(f"All {len(plan)} runs are kept in {args.results_dir}; the table is in {args.benchmarks_md}.")
 
 
 if __name__ == "__main__":
