@@ -14,7 +14,7 @@ next-token logits of every row, and each row is in one of three states:
 
 With a **teacher** (per question, the encoder's alpha of its gold chain: ``[N, k]``), every latent step is
 compared with the teacher's latent of the same index: ``LatentStep.teacher_kl`` = KL(teacher || the step's
-next-token distribution) and ``teacher_agrees`` (same most probable token). ``follow_teacher`` feeds the
+distribution at alpha's temperature, as stage 2 trains it) and ``teacher_agrees`` (same most probable token). ``follow_teacher`` feeds the
 teacher's latents instead of the model's own (``Z_j = alpha_j @ E`` with the model's own E; the hidden states
 themselves for the hidden-state ablation), exactly N of them, then ``</think>``: the model answers from the
 teacher's latents (the phase-1 ceiling with the phase-1 decoder, "teacher-forced" with the stage-2 model).
@@ -208,7 +208,7 @@ def _decode_batch(
             for index, (row, row_ids, row_probs) in enumerate(zip(thinking, top_ids.tolist(), probs.tolist())):
                 compared = {}
                 if teacher is not None and not hidden_state and steps[index] < teacher[row].probs.shape[0]:
-                    compared = _compare_with_teacher(logits[row], teacher[row], steps[index])
+                    compared = _compare_with_teacher(logits[row], latent.temperature, teacher[row], steps[index])
                 state.latent_steps[row].append(LatentStep(tuple(row_ids), tuple(row_probs), **compared))
         step_inputs = next_inputs[:, None]
         positions = positions[:, -1:] + 1
@@ -242,9 +242,10 @@ def _teacher_inputs(alphas: Sequence[SparseAlpha], steps: Sequence[int], embeddi
     return mix_embeddings(SparseAlpha(ids=ids, probs=probs), embedding)
 
 
-def _compare_with_teacher(logits: torch.Tensor, alpha: SparseAlpha, step: int) -> dict:
-    """KL(teacher_step || softmax(logits)) and top-1 agreement; logits [V], teacher alpha [N, k] (or dense)."""
-    student = torch.log_softmax(logits.float(), dim=-1)
+def _compare_with_teacher(logits: torch.Tensor, temperature: float, alpha: SparseAlpha, step: int) -> dict:
+    """KL(teacher_step || softmax(logits / temperature)), as stage 2 trains it, and top-1 agreement; logits [V],
+    teacher alpha [N, k] (or dense)."""
+    student = torch.log_softmax(logits.float() / temperature, dim=-1)
     q = alpha.probs[step].float()
     ids = torch.arange(q.shape[0], device=q.device) if alpha.ids is None else alpha.ids[step]
     kl = float((torch.xlogy(q, q) - q * student[ids]).sum())

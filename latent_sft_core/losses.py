@@ -43,18 +43,22 @@ def supervision_loss(logits: torch.Tensor, labels: torch.Tensor, roles: torch.Te
 
 
 def latent_kl(
-    logits: torch.Tensor, slot_mask: torch.Tensor, teacher_ids: torch.Tensor | None, teacher_probs: torch.Tensor
+    logits: torch.Tensor, slot_mask: torch.Tensor, teacher_ids: torch.Tensor | None, teacher_probs: torch.Tensor,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """KL(teacher || student) at the latent slots of stage 2, mean over latents per sample, mean over samples.
 
     logits [B, T, V]: the student's; slot_mask [B, T] bool: the LATENT positions (M of them in the batch);
     teacher_ids [M, k] (None: dense over the vocabulary, k = V) and teacher_probs [M, k], in the order of
     ``slot_mask`` (sample by sample, slot by slot). The student's distribution for latent j is the full-vocabulary
-    softmax at the position *before* slot j (that position predicts Z_j, as in the reference):
+    softmax of ``logits / temperature`` at the position *before* slot j (that position predicts Z_j, as in the
+    reference). ``temperature`` is alpha's (``latent.temperature``): the teacher's alpha was made at it and the
+    student makes its own alpha at it at inference, so only this student distribution is the one it will feed
+    (the reference always uses 1, where the two readings agree):
     ``KL = sum_k q_k (log q_k - log p_student[id_k])``, with 0 log 0 = 0. Samples without latents are left out
     of the mean; a batch without any latent gives 0 (with a gradient path).
     """
-    student = torch.log_softmax(logits[predicting_positions(slot_mask)].float(), dim=-1)  # [M, V]
+    student = torch.log_softmax(logits[predicting_positions(slot_mask)].float() / temperature, dim=-1)  # [M, V]
     student_at = student if teacher_ids is None else student.gather(-1, teacher_ids)
     q = teacher_probs.float()
     return mean_per_sample((torch.xlogy(q, q) - q * student_at).sum(-1), slot_mask)
@@ -95,18 +99,19 @@ def stage2_losses(
     ce_weight: float,
     kl_weight: float,
     hidden: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Stage 2: ``loss = ce_weight * CE + kl_weight * latent term`` with both components (detached) for logging.
 
     CE is the token mean NLL of the ANSWER side (``</think>``, answer, end). The latent term is ``latent_kl``
-    at the LATENT slots ("kl_loss"), or, for the hidden-state ablation (``hidden`` [B, T, d] given, teacher_probs
+    at the LATENT slots ("kl_loss", student logits divided by alpha's ``temperature``), or, for the hidden-state ablation (``hidden`` [B, T, d] given, teacher_probs
     then the teacher's hidden states [M, d]), ``latent_mse`` ("mse_loss"). Shapes as in ``supervision_loss``.
     """
     nll = token_nll(logits, labels)
     ce = masked_mean(nll, labels != IGNORE_INDEX)
     slots = roles == Role.LATENT
     if hidden is None:
-        name, latent = "kl_loss", latent_kl(logits, slots, teacher_ids, teacher_probs)
+        name, latent = "kl_loss", latent_kl(logits, slots, teacher_ids, teacher_probs, temperature)
     else:
         name, latent = "mse_loss", latent_mse(hidden, slots, teacher_probs)
     return {"loss": ce_weight * ce + kl_weight * latent, "ce_loss": ce.detach(), name: latent.detach()}

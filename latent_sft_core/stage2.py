@@ -129,7 +129,8 @@ def latent_forward(
     """Stage-2 losses for one padded batch (see ``LatentCollator`` for the inputs); ``hidden_state``: the
     teacher values are hidden states, fed as they are (the hidden-state ablation). With ``student_probability``
     > 0 (scheduled sampling) each slot's input is, with that probability, the student's own latent from a no-grad
-    pass over the teacher's inputs (``student``: alpha made as at inference); the targets stay the teacher's."""
+    pass over the teacher's inputs; the targets stay the teacher's. ``student`` (alpha as inference makes it) also
+    sets the temperature of the student's distribution in the KL (``losses.latent_kl``)."""
     embedding = model.get_input_embeddings()
     embeds = embedding(inputs["input_ids"])
     slots = inputs["roles"] == Role.LATENT
@@ -145,7 +146,8 @@ def latent_forward(
     output = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], use_cache=False,
                    output_hidden_states=hidden_state)
     return stage2_losses(output.logits, inputs["labels"], inputs["roles"], teacher_ids, teacher, ce_weight,
-                         kl_weight, hidden=output.hidden_states[-1] if hidden_state else None)
+                         kl_weight, hidden=output.hidden_states[-1] if hidden_state else None,
+                         temperature=student.temperature if student is not None else 1.0)
 
 
 @torch.no_grad()

@@ -51,6 +51,20 @@ def test_latent_kl_against_hand_computed_values():
     torch.testing.assert_close(value, torch.tensor((sample0 + sample1) / 2))
 
 
+def test_latent_kl_reads_the_student_at_alphas_temperature():
+    """At temperature T the student's alpha is softmax(logits / T): the KL must compare the teacher with that
+    distribution, the one the student feeds at inference. Logits 2 * log p read at T = 2 give back p."""
+    p = torch.tensor([[[0.6, 0.3, 0.1], [0.2, 0.3, 0.5]]])
+    slots = torch.tensor([[False, True]])  # predicted from position 0
+    teacher, ids = torch.tensor([[2 / 3, 1 / 3]]), torch.tensor([[0, 1]])
+    at_two = latent_kl(2 * torch.log(p), slots, ids, teacher, temperature=2.0)
+    torch.testing.assert_close(at_two, torch.tensor(kl([2 / 3, 1 / 3], [0.6, 0.3])))
+    # read at temperature 1, the same logits are the sharper p^2 / sum(p^2)
+    squared = [0.36 / 0.46, 0.09 / 0.46]
+    torch.testing.assert_close(latent_kl(2 * torch.log(p), slots, ids, teacher),
+                               torch.tensor(kl([2 / 3, 1 / 3], squared)))
+
+
 def test_latent_kl_dense_teacher_and_no_latents():
     student = torch.log(torch.tensor([[[0.5, 0.5], [0.2, 0.8]]]))
     slots = torch.tensor([[False, True]])

@@ -64,8 +64,8 @@ def test_all_student_inputs_equal_feeding_the_students_own_latents_by_hand(model
         embeds[slots] = own
         fed = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
         expected = stage2_losses(fed, inputs["labels"], inputs["roles"], inputs["teacher_ids"],
-                                 inputs["teacher_probs"], 1.0, 1.0)
-        teacher_forced = latent_forward(model, inputs, 1.0, 1.0)
+                                 inputs["teacher_probs"], 1.0, 1.0, temperature=2.0)
+        teacher_forced = latent_forward(model, inputs, 1.0, 1.0, student=mode)
     for name in ("loss", "ce_loss", "kl_loss"):
         torch.testing.assert_close(sampled[name], expected[name])
     assert not torch.allclose(sampled["kl_loss"], teacher_forced["kl_loss"])  # the inputs really changed
