@@ -249,7 +249,7 @@ class CollapseGuardParams(Strict):
     soft-label cache on the rows they see."""
 
     min_distinct_top1_fraction: float = Field(
-        default=0.1, ge=0, le=1, description="distinct top-1 tokens over distinct chunk tokens, at least"
+        default=0.3, ge=0, le=1, description="distinct top-1 tokens over distinct chunk tokens, at least"
     )
     min_chunk_mass: float = Field(default=0.05, ge=0, le=1, description="alpha's mass on its own chunk, at least")
     on_collapse: Literal["warn", "error"] = Field(

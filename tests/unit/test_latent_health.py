@@ -34,7 +34,9 @@ def test_statistics_of_a_small_hand_made_alpha():
     assert stats["chunk_ecr@2"] == pytest.approx((1 + 2) / 2)
     # mass on the chunk's tokens: row 1 alpha(6) = 0.3; row 2 alpha(9) = 0.3
     assert stats["chunk_mass"] == pytest.approx(0.3)
-    assert stats["collapsed"] is False and stats["collapse_reasons"] == []
+    # one top-1 token for four chunk tokens (0.25 < 0.3) is a collapse; the chunk mass (0.3) is not
+    assert stats["collapsed"] is True and len(stats["collapse_reasons"]) == 1
+    assert "distinct top-1" in stats["collapse_reasons"][0]
 
 
 def test_dense_alpha_is_read_over_the_whole_vocabulary():
