@@ -9,9 +9,9 @@ Where the latent model's accuracy is lost (with the merged phase-1 models, ``pha
 encoder's alpha of each question's gold chain (the teacher, computed on the fly as the soft-label cache does)
 is fed (1) to the phase-1 decoder: ``phase1_ceiling_pass@1``, what the latents carry; (2) to the stage-2 model:
 ``teacher_forced_pass@1``, whether it can answer from them; its own latents give ``pass@1`` (free-running).
-Per latent step the stage-2 model's next-token distribution is compared with the teacher's latent of the same
-index, teacher-forced and free-running: ``*_top1_agreement`` (same most probable token) and ``*_kl``
-(KL(teacher || student), nats), averaged over latents.
+Per latent step the stage-2 model's distribution (at alpha's temperature, as stage 2 trains it) is compared with
+the teacher's latent of the same index, teacher-forced and free-running: ``*_top1_agreement`` (same most
+probable token) and ``*_kl`` (KL(teacher || student), nats), averaged over the compared latents.
 
 Outputs: ``metrics/evaluate.json`` ({model: {split: {metric: value}}}), ``metrics/report.md`` (the same as
 Markdown tables), per-question predictions (Parquet), the ECR@K curve and the top-token heat map (DVC plots).
