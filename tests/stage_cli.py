@@ -19,7 +19,7 @@ from tests.support import deep_merge, micro_params_file_content
 MICRO_RUN_FOLDERS = {
     "raw": "raw", "tokenizer": "tokenizer", "chunked": "chunked", "base": "base", "encoder-stage": "train_encoder",
     "decoder-stage": "train_decoder", "joint-stage": "train_joint", "merged": "merged", "soft-labels": "labels",
-    "cot-sft": "base", "latent-sft": "latent",
+    "cot-sft": "base", "latent-sft": "latent", "phase1": "merged",
 }
 OUTPUT_NAMES = {
     "out": "out", "metrics": "metrics.json", "loss-curve": "loss.csv", "report": "report.md",
@@ -38,7 +38,7 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "merge_lora": (("base", "encoder-stage", "decoder-stage", "joint-stage"), ("out",)),
     "cache_soft_labels": (("merged", "chunked"), ("out", "metrics")),
     "train_latent": (("merged", "chunked", "soft-labels"), TRAINING_OUTPUTS),
-    "evaluate": (("chunked", "cot-sft", "latent-sft"),
+    "evaluate": (("chunked", "cot-sft", "latent-sft", "phase1"),
                  ("metrics", "report", "predictions", "ecr-plot", "heatmap-plot")),
 }
 
