@@ -419,7 +419,12 @@ class Params(Strict):
     base_model: BaseModelParams = BaseModelParams()
     latent: LatentParams = LatentParams()
     collapse_guard: CollapseGuardParams = CollapseGuardParams()
-    train_encoder: Stage1Params = Stage1Params(encoder_lora=ENCODER_LORA, max_train_rows=6400)
+    # the encoder-only training moves alpha off its chunk against a frozen decoder that cannot read latents yet
+    # (BENCHMARKS.md, "Phase-1 collapse"): the paper's encoder learning rate, 10x below the other stages
+    train_encoder: Stage1Params = Stage1Params(
+        encoder_lora=ENCODER_LORA, max_train_rows=6400,
+        train=TrainParams(epochs=1.0, lr=1e-4, save_steps=100, logging_steps=20),
+    )
     train_decoder: Stage1Params = Stage1Params(decoder_lora=LoraParams(), max_train_rows=6400)
     train_joint: Stage1Params = Stage1Params(encoder_lora=ENCODER_LORA, decoder_lora=LoraParams(), max_train_rows=12800)
     cache_soft_labels: CacheSoftLabelsParams = CacheSoftLabelsParams()
