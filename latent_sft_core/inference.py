@@ -14,8 +14,8 @@ next-token logits of every row, and each row is in one of three states:
 
 With a **teacher** (per question, the encoder's alpha of its gold chain: ``[N, k]``), every latent step is
 compared with the teacher's latent of the same index: ``LatentStep.teacher_kl`` = KL(teacher || the step's
-distribution at alpha's temperature, as stage 2 trains it) and ``teacher_agrees`` (same most probable token). ``follow_teacher`` feeds the
-teacher's latents instead of the model's own (``Z_j = alpha_j @ E`` with the model's own E; the hidden states
+distribution at alpha's temperature, as stage 2 trains it) and ``teacher_agrees`` (same most probable token).
+``follow_teacher`` feeds the teacher's latents instead of the model's own (``Z_j = alpha_j @ E`` with the model's own E; the hidden states
 themselves for the hidden-state ablation), exactly N of them, then ``</think>``: the model answers from the
 teacher's latents (the phase-1 ceiling with the phase-1 decoder, "teacher-forced" with the stage-2 model).
 
