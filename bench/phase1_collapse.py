@@ -89,7 +89,7 @@ def main() -> None:
     results: dict[str, dict] = {}
 
     def write_table() -> None:  # after every configuration, so that an interrupted run keeps what it has
-        update_section("phase1_collapse", f"""## Phase-1 collapse under stress
+        update_section("phase1_collapse", f"""### Phase-1 collapse under stress
 
 `python -m bench.phase1_collapse --encoder-rows {args.encoder_rows}` ({machine_line()}): the three phase-1
 trainings of the default params with the encoder-only stage on {args.encoder_rows:,} rows (the default: 6,400),
