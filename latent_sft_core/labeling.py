@@ -74,7 +74,7 @@ def cache_soft_labels(params: Params, merged_dir: Path, chunked_dir: Path, out_d
                     # the hidden-state ablation's targets are the hidden states themselves (hidden mode, no ids)
                     targets = SparseAlpha(ids=None, probs=latents.hidden) if latents.alpha is None else latents.alpha
                     writer.write_alpha([row.id for row in batch], [row.num_chunks for row in batch], targets)
-                    if latents.alpha is not None:
+                    if params.latent.kind == "soft_embedding":
                         health.update(latents.alpha, [chunk for row in batch for chunk in row.chunks()])
             seconds = time.perf_counter() - started
             latents_total = sum(row.num_chunks for row in rows)
