@@ -1,14 +1,17 @@
-"""Phase-1 collapse under stress: the three phase-1 trainings with a longer encoder-only stage, per setting.
+"""Phase-1 collapse: the three phase-1 trainings per configuration and seed, and the collapse guard's verdict.
 
-The encoder-only training (decoder frozen) moves alpha; trained 4x longer than the default (25,600 rows, 400
-steps) it shows on one machine what a shorter run showed on another: whether the latents drift off their
-chunks into a collapse, and whether the joint training brings them back. Each configuration runs
-train_encoder, train_decoder and train_joint (library calls, the workspace's ``models/base`` and
-``data/chunked``, so run ``dvc repro base_model chunk`` first) and records the collapse guard's statistics of
-each stage (``latent_health``). Results are kept per configuration in ``bench/results/phase1_collapse/`` and a
-finished configuration is skipped when rerun; the table goes into BENCHMARKS.md after every configuration.
+Whether phase 1's latents stay a superposition of their chunk or collapse onto a few tokens depends on the
+encoder-only training's learning rate and length, on the joint training's loss, and on the seed and the
+floating-point path. Each configuration runs train_encoder, train_decoder and train_joint (library calls, the
+workspace's ``models/base`` and ``data/chunked``, so run ``dvc repro base_model chunk`` first) with
+``base.seed`` set per run, and records per stage the best validation L_sup and the collapse guard's
+statistics (``latent_health``). ``--encoder-rows`` sets the encoder-only stage's rows (6,400 = the default;
+25,600 = the 4x longer stress). Results are kept per (configuration, rows, seed) in
+``bench/results/phase1_collapse/`` and skipped when rerun; the table is written into BENCHMARKS.md from all
+kept results after every run, so several processes (e.g. one per seed, ``OMP_NUM_THREADS=1`` each) can share
+the work.
 
-    python -m bench.phase1_collapse [--configs all|name ...] [--encoder-rows 25600]
+    python -m bench.phase1_collapse [--configs all|name ...] [--seeds 0 1 2] [--encoder-rows 6400]
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from bench.report import machine_line, update_section
 from latent_sft_core import paths
 from latent_sft_core.config import Params, load_params, parse_params
@@ -28,22 +33,28 @@ from latent_sft_core.stage1 import Stage1Inputs, train_stage1
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "phase1_collapse"
 STAGES = ("train_encoder", "train_decoder", "train_joint")
+SHOWN_STAGES = ("train_encoder", "train_joint")  # train_decoder's latents are train_encoder's
 # name -> overrides of params.yaml (dotted keys); the encoder-only stage's rows come from --encoder-rows
 CONFIGS: dict[str, dict[str, object]] = {
-    "encoder lr 1e-3, T = 1 (the former default)": {"train_encoder.train.lr": 1e-3},
-    "encoder lr 1e-3, T = 4": {"train_encoder.train.lr": 1e-3, "latent.temperature": 4.0},
-    "encoder lr 1e-4, T = 1 (the default)": {"train_encoder.train.lr": 1e-4},
+    "diversity 0.05, encoder lr 1e-3 (the default)": {},
+    "diversity 0.05, encoder lr 1e-4": {"train_encoder.train.lr": 1e-4},
+    "paper's L_sup, encoder lr 1e-3": {"train_joint.diversity_weight": 0.0},
+    "paper's L_sup, encoder lr 1e-4": {"train_encoder.train.lr": 1e-4, "train_joint.diversity_weight": 0.0},
+    "paper's L_sup, encoder lr 1e-3, T = 4": {"latent.temperature": 4.0, "train_joint.diversity_weight": 0.0},
 }
-SHOWN = ("distinct_top1", "chunk_mass", "mean_entropy", "collapsed")
 
 
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def configured(params: Params, overrides: dict[str, object], encoder_rows: int) -> Params:
+def result_path(name: str, encoder_rows: int, seed: int, results_dir: Path = RESULTS_DIR) -> Path:
+    return results_dir / f"{slug(name)}-rows{encoder_rows}-seed{seed}.json"
+
+
+def configured(params: Params, overrides: dict[str, object], encoder_rows: int, seed: int) -> Params:
     data = params.model_dump(mode="json")
-    for key, value in {**overrides, "train_encoder.max_train_rows": encoder_rows}.items():
+    for key, value in {**overrides, "train_encoder.max_train_rows": encoder_rows, "base.seed": seed}.items():
         *path, last = key.split(".")
         section = data
         for part in path:
@@ -67,14 +78,26 @@ def run_config(params: Params) -> dict:
     return result
 
 
-def table(results: dict[str, dict]) -> str:
-    head = "| configuration | stage | val L_sup | distinct top-1 | chunk mass | entropy | collapsed |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
-    for name, stages in results.items():
-        for stage, values in stages.items():
-            lines.append(f"| {name} | {stage} | {values['best_val_loss']:.3f} | {values['distinct_top1']} | "
-                         f"{values['chunk_mass']:.3f} | {values['mean_entropy']:.2f} | "
-                         f"{'**yes**' if values['collapsed'] else 'no'} |")
+def kept_results(encoder_rows: int, results_dir: Path = RESULTS_DIR) -> dict[str, dict[int, dict]]:
+    """configuration -> seed -> stages, for every kept run of a known configuration at ``encoder_rows``."""
+    kept: dict[str, dict[int, dict]] = {}
+    for name in CONFIGS:
+        for seed_file in sorted(results_dir.glob(f"{slug(name)}-rows{encoder_rows}-seed*.json")):
+            stored = json.loads(seed_file.read_text())
+            kept.setdefault(name, {})[stored["seed"]] = stored["stages"]
+    return kept
+
+
+def table(results: dict[str, dict[int, dict]]) -> str:
+    head = "| configuration | seed | stage | val L_sup | distinct top-1 | chunk mass | entropy | collapsed |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for name, seeds in results.items():
+        for seed, stages in sorted(seeds.items()):
+            for stage in SHOWN_STAGES:
+                values = stages[stage]
+                lines.append(f"| {name} | {seed} | {stage} | {values['best_val_loss']:.3f} | "
+                             f"{values['distinct_top1']} | {values['chunk_mass']:.3f} | {values['mean_entropy']:.2f} | "
+                             f"{'**yes**' if values['collapsed'] else 'no'} |")
     return "\n".join(lines)
 
 
@@ -82,32 +105,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--configs", nargs="*", default=["all"], help=f"'all' or names among: {list(CONFIGS)}")
-    parser.add_argument("--encoder-rows", type=int, default=25600, help="rows of the encoder-only stage")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--encoder-rows", type=int, default=6400, help="rows of the encoder-only stage")
     args = parser.parse_args()
     params = load_params(args.params)
     configs = CONFIGS if args.configs == ["all"] else {name: CONFIGS[name] for name in args.configs}
-    results: dict[str, dict] = {}
+    rows = args.encoder_rows
 
-    def write_table() -> None:  # after every configuration, so that an interrupted run keeps what it has
-        update_section("phase1_collapse", f"""### Phase-1 collapse under stress
+    def write_table() -> None:  # after every run, from every kept result, so an interrupted run keeps what it has
+        update_section(f"phase1_collapse_rows{rows}", f"""### Phase-1 collapse, encoder-only stage on {rows:,} rows
 
-`python -m bench.phase1_collapse --encoder-rows {args.encoder_rows}` ({machine_line()}): the three phase-1
-trainings of the default params with the encoder-only stage on {args.encoder_rows:,} rows (the default: 6,400),
-on the workspace's base model (seed {params.base.seed}). Per stage, the best validation L_sup and the collapse
-guard's statistics of the encoder's alpha on the validation rows (`latent_sft_core/latent_health.py`).
+`python -m bench.phase1_collapse --encoder-rows {rows} --seeds ...` ({machine_line()}): the three phase-1
+trainings of the default params with the configuration's overrides and the encoder-only stage on {rows:,} rows
+(the default: 6,400), on the workspace's base model (base model seed {params.base.seed}; the phase-1 seed per
+row). Per stage, the best validation L_sup and the collapse guard's statistics of the encoder's alpha on the
+validation rows (`latent_sft_core/latent_health.py`); train_decoder's latents are train_encoder's.
 
-{table(results)}
+{table(kept_results(rows))}
 """)
 
-    for name, overrides in configs.items():
-        stored = RESULTS_DIR / f"{slug(name)}-rows{args.encoder_rows}.json"
-        if not stored.is_file():
+    for seed in args.seeds:
+        for name, overrides in configs.items():
+            stored = result_path(name, rows, seed)
+            if stored.is_file():
+                continue
             began = time.perf_counter()
-            stages = run_config(configured(params, overrides, args.encoder_rows))
-            write_json(stored, {"overrides": overrides, "encoder_rows": args.encoder_rows, "machine": machine_line(),
+            stages = run_config(configured(params, overrides, rows, seed))
+            write_json(stored, {"overrides": overrides, "encoder_rows": rows, "seed": seed,
+                                "machine": machine_line(), "torch_threads": torch.get_num_threads(),
                                 "minutes": round((time.perf_counter() - began) / 60, 1), "stages": stages})
-        results[name] = json.loads(stored.read_text())["stages"]
-        write_table()
+            write_table()
+    write_table()
+
 
 if __name__ == "__main__":
     main()

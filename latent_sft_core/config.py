@@ -277,6 +277,11 @@ class Stage1Params(Strict):
     train: TrainParams = TrainParams(epochs=1.0, lr=1e-3, save_steps=100, logging_steps=20)
     max_train_rows: int | None = Field(default=12800, ge=1, description="first rows of the train split used")
     max_eval_rows: int = Field(default=256, ge=1, description="validation rows scored to pick the best checkpoint")
+    diversity_weight: float = Field(
+        default=0.0, ge=0,
+        description="ours: training loss L_sup - weight * entropy of the batch's mean alpha, against a collapse "
+        "onto a few tokens; 0 = the paper's L_sup (phase1.Stage1Model)",
+    )
 
 
 ENCODER_LORA = LoraParams(targets=(*DEFAULT_LORA_TARGETS, "embed_tokens"))  # embed_tokens: the new latent row
@@ -420,14 +425,13 @@ class Params(Strict):
     base_model: BaseModelParams = BaseModelParams()
     latent: LatentParams = LatentParams()
     collapse_guard: CollapseGuardParams = CollapseGuardParams()
-    # the encoder-only training moves alpha off its chunk against a frozen decoder that cannot read latents yet
-    # (BENCHMARKS.md, "Phase-1 collapse"): the paper's encoder learning rate, 10x below the other stages
-    train_encoder: Stage1Params = Stage1Params(
-        encoder_lora=ENCODER_LORA, max_train_rows=6400,
-        train=TrainParams(epochs=1.0, lr=1e-4, save_steps=100, logging_steps=20),
-    )
+    train_encoder: Stage1Params = Stage1Params(encoder_lora=ENCODER_LORA, max_train_rows=6400)
     train_decoder: Stage1Params = Stage1Params(decoder_lora=LoraParams(), max_train_rows=6400)
-    train_joint: Stage1Params = Stage1Params(encoder_lora=ENCODER_LORA, decoder_lora=LoraParams(), max_train_rows=12800)
+    # the joint training can collapse alpha onto a few structural tokens when the encoder-only stage hands it
+    # weak latents; the diversity term (ours) keeps it out of that basin (BENCHMARKS.md, "Phase-1 collapse")
+    train_joint: Stage1Params = Stage1Params(
+        encoder_lora=ENCODER_LORA, decoder_lora=LoraParams(), max_train_rows=12800, diversity_weight=0.05
+    )
     cache_soft_labels: CacheSoftLabelsParams = CacheSoftLabelsParams()
     train_latent: TrainLatentParams = TrainLatentParams()
     evaluate: EvaluateParams = EvaluateParams()
@@ -448,6 +452,9 @@ class Params(Strict):
             if (section.encoder_lora is not None, section.decoder_lora is not None) != (encoder, decoder):
                 wanted = " and ".join(n for n, on in (("encoder_lora", encoder), ("decoder_lora", decoder)) if on)
                 raise ValueError(f"{name} trains exactly {wanted}: set {wanted} and leave the other null")
+            if section.diversity_weight and (section.encoder_lora is None or self.latent.kind != "soft_embedding"):
+                raise ValueError(f"{name}.diversity_weight acts on the alpha of a trained encoder: it needs "
+                                 "encoder_lora and latent.kind 'soft_embedding'; set it to 0")
         return self
 
     @model_validator(mode="after")

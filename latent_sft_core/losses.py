@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from latent_sft_core.layout import IGNORE_INDEX
 from latent_sft_core.masks import Role
+from latent_sft_core.soft_embedding import SparseAlpha
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -40,6 +41,23 @@ def supervision_loss(logits: torch.Tensor, labels: torch.Tensor, roles: torch.Te
         "chunk_loss": masked_mean(nll, supervised & (roles == Role.CHUNK)).detach(),
         "answer_loss": masked_mean(nll, supervised & (roles == Role.ANSWER)).detach(),
     }
+
+
+def alpha_marginal_entropy(alpha: SparseAlpha, vocab_size: int) -> torch.Tensor:
+    """Entropy (nats, fp32 scalar) of the batch's mean alpha: ``H(mean_i alpha_i)`` over the vocabulary.
+
+    alpha: ids/probs [M, k] (ids None: dense [M, V]) for the M latents of a batch. High when the latents put
+    their mass on many different tokens, ~0 when they all name the same one (a collapse); each alpha may stay
+    sharp. Phase 1's diversity term (ours) maximises it; 0 for a batch without latents.
+    """
+    probs = alpha.probs.float()
+    if probs.shape[0] == 0:
+        return probs.sum()
+    if alpha.ids is None:
+        mean = probs.mean(0)
+    else:
+        mean = probs.new_zeros(vocab_size).index_add(0, alpha.ids.reshape(-1), probs.reshape(-1)) / probs.shape[0]
+    return -torch.xlogy(mean, mean).sum()
 
 
 def latent_kl(

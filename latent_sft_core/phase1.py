@@ -7,7 +7,9 @@ Per batch there is exactly one encoder forward and one decoder forward:
    (or h_i itself for the hidden-state ablation);
 2. decoder over ``[prompt, <think>, Z_1, S_2, ..., Z_N, </think>, answer, end]`` with the supervision mask
    (LTSuM) and dual-track positions; the Z's replace the input embeddings at its LATENT positions;
-3. L_sup = token-mean NLL of the chunk tokens and the answer side.
+3. L_sup = token-mean NLL of the chunk tokens and the answer side; with ``diversity_weight`` > 0 (ours, training
+   only) the loss is ``L_sup - diversity_weight * H(batch-mean alpha)`` (``losses.alpha_marginal_entropy``).
+   Validation (checkpoint choice) is always L_sup alone.
 
 Both sequences of a sample carry the same N latents in the same order, so scattering is one boolean-mask
 assignment over the whole batch (no per-sample loop).
@@ -25,7 +27,7 @@ from transformers import PreTrainedModel
 from latent_sft_core.chunking import ChunkedRow
 from latent_sft_core.config import LatentParams
 from latent_sft_core.layout import TokenSequence, decoder_sequence, encoder_sequence, labels_from_roles, pad_sequences
-from latent_sft_core.losses import supervision_loss
+from latent_sft_core.losses import alpha_marginal_entropy, supervision_loss
 from latent_sft_core.masks import Role, attention_bias, decoder_mask, encoder_mask
 from latent_sft_core.soft_embedding import SparseAlpha, alpha_from_logits, mix_embeddings, vocabulary_logits
 from latent_sft_core.text import SpecialIds
@@ -94,14 +96,18 @@ def embed_with_latents(decoder: nn.Module, input_ids: torch.Tensor, roles: torch
 
 
 class Stage1Model(nn.Module):
-    """Encoder + decoder of phase 1; ``forward`` returns L_sup and its components for one padded batch."""
+    """Encoder + decoder of phase 1; ``forward`` returns the loss and its components for one padded batch."""
 
-    def __init__(self, encoder: PreTrainedModel, decoder: PreTrainedModel, latent: LatentParams, top_k: int):
+    def __init__(
+        self, encoder: PreTrainedModel, decoder: PreTrainedModel, latent: LatentParams, top_k: int,
+        diversity_weight: float = 0.0,
+    ):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.latent = latent
         self.top_k = top_k
+        self.diversity_weight = diversity_weight
 
     def forward(
         self,
@@ -119,7 +125,13 @@ class Stage1Model(nn.Module):
         logits = self.decoder(
             inputs_embeds=embeds, attention_mask=bias, position_ids=position_ids, use_cache=False
         ).logits
-        return supervision_loss(logits, labels, roles)
+        losses = supervision_loss(logits, labels, roles)
+        if not (self.training and self.diversity_weight and latents.alpha is not None):
+            return losses
+        vocab_size = self.decoder.get_input_embeddings().num_embeddings
+        diversity_loss = -alpha_marginal_entropy(latents.alpha, vocab_size)
+        return {**losses, "loss": losses["loss"] + self.diversity_weight * diversity_loss,
+                "diversity_loss": diversity_loss.detach()}
 
 
 @dataclass(frozen=True)

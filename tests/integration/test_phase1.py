@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from latent_sft_core.chunking import read_chunked
 from latent_sft_core.config import LatentParams
 from latent_sft_core.errors import ArtifactError
+from latent_sft_core.losses import alpha_marginal_entropy
 from latent_sft_core.masks import Role
 from latent_sft_core.modeling import load_pretrained_model, merged
 from latent_sft_core.phase1 import (
@@ -147,6 +148,28 @@ def test_latent_slots_receive_the_encoder_latents_in_order(micro_run):
             torch.testing.assert_close(encoded.alpha.probs.sum(-1), torch.ones(count))
         loss = Stage1Model(base, base, latent, params.base.top_k)(**batch)["loss"]
         assert torch.isfinite(loss)
+
+
+def test_diversity_term_is_added_in_training_only(micro_run):
+    """Ours: training loss = L_sup - weight * H(batch-mean alpha); validation (checkpoint choice) is L_sup alone."""
+    root, params, _ = micro_run
+    batch = batch_of(root, params, rows=3)
+    base = load_pretrained_model(root / "base")
+    plain = Stage1Model(base, base, params.latent, params.base.top_k)
+    diverse = Stage1Model(base, base, params.latent, params.base.top_k, diversity_weight=0.5)
+    with torch.no_grad():
+        sup = plain(**batch)
+        trained = diverse(**batch)
+        encoded = encode_latents(base, base, params.latent, params.base.top_k, batch["encoder_input_ids"],
+                                 batch["encoder_roles"])
+        entropy = alpha_marginal_entropy(encoded.alpha, base.config.vocab_size)
+        diverse.eval()
+        validated = diverse(**batch)
+    assert float(entropy) > 0
+    torch.testing.assert_close(trained["diversity_loss"], -entropy)
+    torch.testing.assert_close(trained["loss"], sup["loss"] - 0.5 * entropy)
+    torch.testing.assert_close(validated["loss"], sup["loss"])
+    assert "diversity_loss" not in validated and "diversity_loss" not in sup
 
 
 def test_latent_count_mismatch_is_refused(micro_run):

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from latent_sft_core.layout import IGNORE_INDEX
-from latent_sft_core.losses import latent_kl, latent_mse, stage2_losses, supervision_loss, token_nll
+from latent_sft_core.losses import alpha_marginal_entropy, latent_kl, latent_mse, stage2_losses, supervision_loss, token_nll
 from latent_sft_core.masks import Role
-from latent_sft_core.soft_embedding import gumbel_perturb
+from latent_sft_core.soft_embedding import SparseAlpha, gumbel_perturb
 
 pytestmark = pytest.mark.unit
 I = IGNORE_INDEX
@@ -127,3 +127,28 @@ def test_gumbel_max_of_the_perturbed_distribution_samples_the_original():
 def test_gumbel_rejects_bad_tau():
     with pytest.raises(ValueError, match="tau"):
         gumbel_perturb(torch.tensor([[1.0]]), scale=1.0, tau=0.0, clamp=(-1.5, 3.0))
+
+
+def test_alpha_marginal_entropy_of_the_batch_mean_against_hand_computed_values():
+    # three latents, top-2 over a vocabulary of 6: the batch mean puts 1/3 on token 0, 1/6 on 1, 1/6 on 2, 1/3 on 4
+    ids = torch.tensor([[0, 1], [0, 2], [4, 1]])
+    probs = torch.tensor([[0.5, 0.5], [0.5, 0.5], [1.0, 0.0]])
+    expected = -(2 * (1 / 3) * math.log(1 / 3) + 2 * (1 / 6) * math.log(1 / 6))
+    assert float(alpha_marginal_entropy(SparseAlpha(ids, probs), 6)) == pytest.approx(expected, abs=1e-6)
+    dense = torch.zeros(3, 6).scatter_add(1, ids, probs)
+    assert float(alpha_marginal_entropy(SparseAlpha(None, dense), 6)) == pytest.approx(expected, abs=1e-6)
+    # every latent on the same token (a collapse): 0, however sharp; every latent on its own token: log M
+    same = SparseAlpha(torch.tensor([[3, 1]] * 4), torch.tensor([[1.0, 0.0]] * 4))
+    assert float(alpha_marginal_entropy(same, 6)) == pytest.approx(0.0, abs=1e-6)
+    apart = SparseAlpha(torch.tensor([[0, 5], [1, 5], [2, 5], [3, 5]]), torch.tensor([[1.0, 0.0]] * 4))
+    assert float(alpha_marginal_entropy(apart, 6)) == pytest.approx(math.log(4), abs=1e-6)
+    empty = SparseAlpha(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert float(alpha_marginal_entropy(empty, 6)) == 0.0
+
+
+def test_alpha_marginal_entropy_gradient_spreads_a_shared_token():
+    """Maximising the term moves probability away from the token every latent shares."""
+    logits = torch.tensor([[3.0, 0.0], [3.0, 1.0]], requires_grad=True)
+    ids = torch.tensor([[0, 1], [0, 2]])  # token 0 is every latent's top-1
+    (-alpha_marginal_entropy(SparseAlpha(ids, torch.softmax(logits, -1)), 3)).backward()
+    assert (logits.grad[:, 0] > 0).all() and (logits.grad[:, 1] < 0).all()  # descent lowers the shared token
