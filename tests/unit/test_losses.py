@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from latent_sft_core.layout import IGNORE_INDEX
-from latent_sft_core.losses import alpha_marginal_entropy, latent_kl, latent_mse, stage2_losses, supervision_loss, token_nll
+from latent_sft_core.losses import (
+    alpha_marginal_entropy,
+    latent_kl,
+    latent_mse,
+    stage2_losses,
+    supervision_loss,
+    token_nll,
+)
 from latent_sft_core.masks import Role
 from latent_sft_core.soft_embedding import SparseAlpha, gumbel_perturb
 
