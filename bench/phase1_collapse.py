@@ -6,10 +6,11 @@ floating-point path. Each configuration runs train_encoder, train_decoder and tr
 workspace's ``models/base`` and ``data/chunked``, so run ``dvc repro base_model chunk`` first) with
 ``base.seed`` set per run, and records per stage the best validation L_sup and the collapse guard's
 statistics (``latent_health``). ``--encoder-rows`` sets the encoder-only stage's rows (6,400 = the default;
-25,600 = the 4x longer stress). Results are kept per (configuration, rows, seed) in
+25,600 = the 4x longer stress). Results are kept per (configuration, rows, seed, torch threads: the
+floating-point path changes where phase 1 lands) in
 ``bench/results/phase1_collapse/`` and skipped when rerun; the table is written into BENCHMARKS.md from all
 kept results after every run, so several processes (e.g. one per seed, ``OMP_NUM_THREADS=1`` each) can share
-the work.
+the work; run it on one and on two threads.
 
     python -m bench.phase1_collapse [--configs all|name ...] [--seeds 0 1 2] [--encoder-rows 6400]
 """
@@ -36,11 +37,13 @@ STAGES = ("train_encoder", "train_decoder", "train_joint")
 SHOWN_STAGES = ("train_encoder", "train_joint")  # train_decoder's latents are train_encoder's
 # name -> overrides of params.yaml (dotted keys); the encoder-only stage's rows come from --encoder-rows
 CONFIGS: dict[str, dict[str, object]] = {
-    "diversity 0.05, encoder lr 1e-3 (the default)": {},
-    "diversity 0.05, encoder lr 1e-4": {"train_encoder.train.lr": 1e-4},
-    "paper's L_sup, encoder lr 1e-3": {"train_joint.diversity_weight": 0.0},
-    "paper's L_sup, encoder lr 1e-4": {"train_encoder.train.lr": 1e-4, "train_joint.diversity_weight": 0.0},
-    "paper's L_sup, encoder lr 1e-3, T = 4": {"latent.temperature": 4.0, "train_joint.diversity_weight": 0.0},
+    "diversity 0.05 in both, encoder lr 1e-3 (the default)": {},
+    "diversity 0.05 in train_joint only": {"train_encoder.diversity_weight": 0.0},
+    "paper's L_sup, encoder lr 1e-3": {"train_encoder.diversity_weight": 0.0, "train_joint.diversity_weight": 0.0},
+    "paper's L_sup, encoder lr 1e-4": {"train_encoder.train.lr": 1e-4, "train_encoder.diversity_weight": 0.0,
+                                       "train_joint.diversity_weight": 0.0},
+    "paper's L_sup, encoder lr 1e-3, T = 4": {"latent.temperature": 4.0, "train_encoder.diversity_weight": 0.0,
+                                              "train_joint.diversity_weight": 0.0},
 }
 
 
@@ -48,8 +51,9 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def result_path(name: str, encoder_rows: int, seed: int, results_dir: Path = RESULTS_DIR) -> Path:
-    return results_dir / f"{slug(name)}-rows{encoder_rows}-seed{seed}.json"
+def result_path(name: str, encoder_rows: int, seed: int, threads: int, results_dir: Path = RESULTS_DIR) -> Path:
+    """One run's file; torch's thread count is part of it: the floating-point path changes where phase 1 lands."""
+    return results_dir / f"{slug(name)}-rows{encoder_rows}-seed{seed}-threads{threads}.json"
 
 
 def configured(params: Params, overrides: dict[str, object], encoder_rows: int, seed: int) -> Params:
@@ -78,24 +82,25 @@ def run_config(params: Params) -> dict:
     return result
 
 
-def kept_results(encoder_rows: int, results_dir: Path = RESULTS_DIR) -> dict[str, dict[int, dict]]:
-    """configuration -> seed -> stages, for every kept run of a known configuration at ``encoder_rows``."""
-    kept: dict[str, dict[int, dict]] = {}
+def kept_results(encoder_rows: int, results_dir: Path = RESULTS_DIR) -> dict[str, dict[tuple[int, str], dict]]:
+    """configuration -> (seed, torch threads) -> stages, for every kept run of a known configuration at
+    ``encoder_rows`` (threads "?" for runs that did not record them)."""
+    kept: dict[str, dict[tuple[int, str], dict]] = {}
     for name in CONFIGS:
         for seed_file in sorted(results_dir.glob(f"{slug(name)}-rows{encoder_rows}-seed*.json")):
             stored = json.loads(seed_file.read_text())
-            kept.setdefault(name, {})[stored["seed"]] = stored["stages"]
+            kept.setdefault(name, {})[(stored["seed"], str(stored.get("torch_threads", "?")))] = stored["stages"]
     return kept
 
 
-def table(results: dict[str, dict[int, dict]]) -> str:
-    head = "| configuration | seed | stage | val L_sup | distinct top-1 | chunk mass | entropy | collapsed |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
-    for name, seeds in results.items():
-        for seed, stages in sorted(seeds.items()):
+def table(results: dict[str, dict[tuple[int, str], dict]]) -> str:
+    head = "| configuration | seed | threads | stage | val L_sup | distinct top-1 | chunk mass | entropy | collapsed |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for name, runs in results.items():
+        for (seed, threads), stages in sorted(runs.items()):
             for stage in SHOWN_STAGES:
                 values = stages[stage]
-                lines.append(f"| {name} | {seed} | {stage} | {values['best_val_loss']:.3f} | "
+                lines.append(f"| {name} | {seed} | {threads} | {stage} | {values['best_val_loss']:.3f} | "
                              f"{values['distinct_top1']} | {values['chunk_mass']:.3f} | {values['mean_entropy']:.2f} | "
                              f"{'**yes**' if values['collapsed'] else 'no'} |")
     return "\n".join(lines)
@@ -126,7 +131,7 @@ validation rows (`latent_sft_core/latent_health.py`); train_decoder's latents ar
 
     for seed in args.seeds:
         for name, overrides in configs.items():
-            stored = result_path(name, rows, seed)
+            stored = result_path(name, rows, seed, torch.get_num_threads())
             if stored.is_file():
                 continue
             began = time.perf_counter()

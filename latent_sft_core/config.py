@@ -425,10 +425,10 @@ class Params(Strict):
     base_model: BaseModelParams = BaseModelParams()
     latent: LatentParams = LatentParams()
     collapse_guard: CollapseGuardParams = CollapseGuardParams()
-    train_encoder: Stage1Params = Stage1Params(encoder_lora=ENCODER_LORA, max_train_rows=6400)
+    # both trainings of the encoder can pull every latent onto a few tokens, depending on the seed and the
+    # floating-point path; the diversity term (ours) keeps them out of that basin (BENCHMARKS.md, "Phase-1 collapse")
+    train_encoder: Stage1Params = Stage1Params(encoder_lora=ENCODER_LORA, max_train_rows=6400, diversity_weight=0.05)
     train_decoder: Stage1Params = Stage1Params(decoder_lora=LoraParams(), max_train_rows=6400)
-    # the joint training can collapse alpha onto a few structural tokens when the encoder-only stage hands it
-    # weak latents; the diversity term (ours) keeps it out of that basin (BENCHMARKS.md, "Phase-1 collapse")
     train_joint: Stage1Params = Stage1Params(
         encoder_lora=ENCODER_LORA, decoder_lora=LoraParams(), max_train_rows=12800, diversity_weight=0.05
     )
@@ -452,9 +452,11 @@ class Params(Strict):
             if (section.encoder_lora is not None, section.decoder_lora is not None) != (encoder, decoder):
                 wanted = " and ".join(n for n, on in (("encoder_lora", encoder), ("decoder_lora", decoder)) if on)
                 raise ValueError(f"{name} trains exactly {wanted}: set {wanted} and leave the other null")
-            if section.diversity_weight and (section.encoder_lora is None or self.latent.kind != "soft_embedding"):
-                raise ValueError(f"{name}.diversity_weight acts on the alpha of a trained encoder: it needs "
-                                 "encoder_lora and latent.kind 'soft_embedding'; set it to 0")
+        pointless = [f"{name}.diversity_weight" for name in expected if getattr(self, name).diversity_weight and (
+            getattr(self, name).encoder_lora is None or self.latent.kind != "soft_embedding")]
+        if pointless:
+            raise ValueError(f"{', '.join(pointless)}: the diversity term acts on the alpha of a trained encoder "
+                             "(encoder_lora set, latent.kind 'soft_embedding'); set it to 0")
         return self
 
     @model_validator(mode="after")

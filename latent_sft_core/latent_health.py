@@ -130,11 +130,12 @@ def report_health(where: str, health: dict, guard: CollapseGuardParams) -> None:
     log.warning("\n%s\n%s\n%s", banner, message, banner)
 
 
-def encoder_health(
+def measure_encoder_health(
     encoder: nn.Module, decoder: nn.Module, params: Params, rows: Sequence[ChunkedRow], ids: SpecialIds,
-    batch_size: int, where: str,
+    batch_size: int,
 ) -> dict | None:
-    """Measure, judge and report the encoder's alpha on ``rows`` (None for the hidden-state ablation)."""
+    """The statistics and verdict (``AlphaHealth.summary``) of the encoder's alpha on ``rows``, without reporting
+    them (None for the hidden-state ablation)."""
     if params.latent.kind != "soft_embedding":
         return None
     was_training = encoder.training
@@ -143,6 +144,15 @@ def encoder_health(
     for batch, latents in encode_rows(encoder, decoder, params.latent, params.base.top_k, rows, ids, batch_size):
         health.update(latents.alpha, [chunk for row in batch for chunk in row.chunks()])
     encoder.train(was_training)
-    summary = health.summary(params.collapse_guard)
-    report_health(where, summary, params.collapse_guard)
+    return health.summary(params.collapse_guard)
+
+
+def encoder_health(
+    encoder: nn.Module, decoder: nn.Module, params: Params, rows: Sequence[ChunkedRow], ids: SpecialIds,
+    batch_size: int, where: str,
+) -> dict | None:
+    """Measure, judge and report the encoder's alpha on ``rows`` (None for the hidden-state ablation)."""
+    summary = measure_encoder_health(encoder, decoder, params, rows, ids, batch_size)
+    if summary is not None:
+        report_health(where, summary, params.collapse_guard)
     return summary

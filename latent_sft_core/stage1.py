@@ -15,17 +15,18 @@ best checkpoint by the validation split's L_sup (lowest wins), never by the test
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, TrainerCallback
 
 from latent_sft_core.chunking import read_chunked
 from latent_sft_core.config import Params, check_top_k
 from latent_sft_core.errors import ArtifactError, DataError
 from latent_sft_core.io import atomic_dir, atomic_outputs, write_json
-from latent_sft_core.latent_health import encoder_health
+from latent_sft_core.latent_health import encoder_health, measure_encoder_health
 from latent_sft_core.modeling import frozen, load_pretrained_model, merged, save_model, with_lora
 from latent_sft_core.phase1 import Stage1Collator, Stage1Model, stage1_example
 from latent_sft_core.text import SpecialIds, load_tokenizer, special_ids, tokenizer_fingerprint
@@ -56,6 +57,30 @@ class Stage1Inputs:
     chunked_dir: Path
     encoder_stage_dir: Path | None = None  # train_encoder's output (encoder adapter)
     decoder_stage_dir: Path | None = None  # train_decoder's output (decoder adapter)
+
+
+HEALTH_TRACE_KEYS = ("distinct_top1", "chunk_mass", "mean_entropy", "collapsed")
+
+
+class LatentHealthTrace(TrainerCallback):
+    """After every validation, alpha's health on the validation rows, appended to the trainer's log history
+    (saved with each checkpoint, so a resumed run keeps it): the metrics then show where a collapse began, not
+    only the best checkpoint's latents."""
+
+    def __init__(self, measure: Callable[[], dict | None]):
+        self.measure = measure
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        health = self.measure()
+        if health is not None:
+            trace = {key: health[key] for key in HEALTH_TRACE_KEYS}
+            state.log_history.append({"step": state.global_step, "latent_health": trace})
+            log.info("step %d: latents on the validation rows: %s", state.global_step, trace)
+
+
+def health_by_step(log_history: list[dict]) -> dict[str, dict]:
+    """step -> the LatentHealthTrace entry of that step, from a trainer's log history."""
+    return {str(entry["step"]): entry["latent_health"] for entry in log_history if "latent_health" in entry}
 
 
 def _required(folder: Path | None, stage: str) -> Path:
@@ -121,11 +146,16 @@ def train_stage1(
         base=params.base.model_dump(mode="json", include={"seed", "compression_rate", "top_k"}),
         inputs={name: dir_digest(folder) for name, folder in vars(inputs).items() if folder is not None},
     )
+    trace = LatentHealthTrace(
+        lambda: measure_encoder_health(encoder, decoder, params, val_rows, ids, section.train.batch_size)
+    )
     result = run_training(
         model, train, Stage1Collator(ids.pad), section.train, scratch_dir,
-        params.base.seed, fingerprint, trainer_cls=TrainableStateTrainer, eval_dataset=val,
+        params.base.seed, fingerprint, trainer_cls=TrainableStateTrainer, eval_dataset=val, callbacks=[trace],
     )
     metrics = {"trainable_parameters": trainable, **result.summary()}
+    if by_step := health_by_step(result.log_history):
+        metrics["latent_health_by_step"] = by_step
     # the best checkpoint's latents on the validation rows: a collapse must show here, not three stages later
     health = encoder_health(encoder, decoder, params, val_rows, ids, section.train.batch_size, f"{stage} (validation)")
     if health is not None:

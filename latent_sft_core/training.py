@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -269,12 +269,13 @@ def run_training(
     fingerprint: str,
     trainer_cls: Callable[..., Trainer] = Trainer,
     eval_dataset: torch.utils.data.Dataset | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
     **argument_overrides: object,
 ) -> TrainResult:
     """Train ``model`` in place, resuming from the scratch folder's newest checkpoint when it matches.
 
     With an ``eval_dataset`` the validation loss is computed at every checkpoint and the best checkpoint
-    (lowest validation loss) is loaded at the end.
+    (lowest validation loss) is loaded at the end. ``callbacks`` are added to the Trainer's.
     """
     checkpoint = prepare_scratch(scratch_dir, fingerprint)
     if eval_dataset is not None:
@@ -290,7 +291,8 @@ def run_training(
         }
     args = training_arguments(train, scratch_dir, seed, **argument_overrides)
     trainer = trainer_cls(
-        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=collator
+        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=collator,
+        callbacks=list(callbacks),
     )
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)

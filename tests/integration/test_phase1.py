@@ -24,7 +24,7 @@ from latent_sft_core.phase1 import (
     encode_latents,
     stage1_example,
 )
-from latent_sft_core.stage1 import DECODER, ENCODER, Stage1Inputs, stage1_models
+from latent_sft_core.stage1 import DECODER, ENCODER, HEALTH_TRACE_KEYS, Stage1Inputs, stage1_models
 from latent_sft_core.text import load_tokenizer, special_ids
 from latent_sft_core.training import SequenceDataset, TrainableStateTrainer, run_training
 from tests.support import STAGE1_STAGES as STAGES
@@ -69,6 +69,10 @@ def test_each_stage_writes_its_adapters_and_its_loss_goes_down(phase1_run, stage
     assert 0 <= health["mass_outside_top1"] < 1 and 0 <= health["chunk_mass"] <= 1
     assert 0 <= health[f"chunk_ecr@{params.base.top_k}"] <= params.base.compression_rate
     assert isinstance(health["collapsed"], bool)
+    # the trace: alpha's health at every validation, the best step's equal to the best checkpoint's
+    by_step = stage_metrics["latent_health_by_step"]
+    assert set(by_step) == set(stage_metrics["val_loss_by_step"])
+    assert by_step[str(stage_metrics["best_step"])] == {key: health[key] for key in HEALTH_TRACE_KEYS}
 
 
 @pytest.mark.parametrize("stage", STAGES)

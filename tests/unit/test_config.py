@@ -66,10 +66,9 @@ def test_bad_choice_lists_allowed_values():
         ({"evaluate": {"ecr_k": [1, 200]}}, "ecr_k values must be in 1..analysis_top_k (100)"),
         ({"evaluate": {"models": ["cot_sft", "cot_sft"]}}, "models lists a model twice"),
         ({"train_decoder": {"decoder_lora": {}, "diversity_weight": 0.1}},
-         "train_decoder.diversity_weight acts on the alpha"),
-        ({"latent": {"kind": "hidden_state"},
-          "train_joint": {"encoder_lora": {}, "decoder_lora": {}, "diversity_weight": 0.1}},
-         "train_joint.diversity_weight acts on the alpha"),
+         "train_decoder.diversity_weight: the diversity term acts on the alpha of a trained encoder"),
+        ({"latent": {"kind": "hidden_state"}},
+         "train_encoder.diversity_weight, train_joint.diversity_weight: the diversity term acts on the alpha"),
         ({"train_joint": {"diversity_weight": -0.1}}, "train_joint.diversity_weight"),
     ],
 )
