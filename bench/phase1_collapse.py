@@ -78,7 +78,8 @@ def run_config(params: Params) -> dict:
                                   out / "train_decoder" if stage == "train_joint" else None)
             metrics = train_stage1(params, stage, inputs, out / stage, out / f"{stage}.json", out / f"{stage}.csv",
                                    scratch_dir=out / "scratch" / stage)
-            result[stage] = {"best_val_loss": metrics["best_val_loss"], **metrics["latent_health"]}
+            result[stage] = {"best_val_loss": metrics["best_val_loss"], **metrics["latent_health"],
+                             "by_step": metrics.get("latent_health_by_step", {})}
     return result
 
 
