@@ -74,14 +74,15 @@ def micro_params_file_content() -> dict:
 PROJECT_FILES = ["dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/plots", "latent_sft_core", "tasks"]
 
 
-def dvc(project: Path, *args: str) -> str:
-    """Run ``dvc *args`` in ``project`` (its stages with this interpreter) and return its output; fail on error."""
+def dvc(project: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run ``dvc *args`` in ``project`` (its stages with this interpreter) and return its output; fail on error.
+    ``env``: extra environment variables for the stages."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(project)}
+           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(project), **(env or {})}
     result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True,
                             text=True)
     assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
