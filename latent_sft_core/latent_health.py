@@ -146,13 +146,3 @@ def measure_encoder_health(
     encoder.train(was_training)
     return health.summary(params.collapse_guard)
 
-
-def encoder_health(
-    encoder: nn.Module, decoder: nn.Module, params: Params, rows: Sequence[ChunkedRow], ids: SpecialIds,
-    batch_size: int, where: str,
-) -> dict | None:
-    """Measure, judge and report the encoder's alpha on ``rows`` (None for the hidden-state ablation)."""
-    summary = measure_encoder_health(encoder, decoder, params, rows, ids, batch_size)
-    if summary is not None:
-        report_health(where, summary, params.collapse_guard)
-    return summary

@@ -26,7 +26,7 @@ from latent_sft_core.chunking import read_chunked
 from latent_sft_core.config import Params, check_top_k
 from latent_sft_core.errors import ArtifactError, DataError
 from latent_sft_core.io import atomic_dir, atomic_outputs, write_json
-from latent_sft_core.latent_health import encoder_health, measure_encoder_health
+from latent_sft_core.latent_health import measure_encoder_health, report_health
 from latent_sft_core.modeling import frozen, load_pretrained_model, merged, save_model, with_lora
 from latent_sft_core.phase1 import Stage1Collator, Stage1Model, stage1_example
 from latent_sft_core.text import SpecialIds, load_tokenizer, special_ids, tokenizer_fingerprint
@@ -69,10 +69,12 @@ class LatentHealthTrace(TrainerCallback):
 
     def __init__(self, measure: Callable[[], dict | None]):
         self.measure = measure
+        self.measured: dict[int, dict] = {}  # step -> full statistics, for the validations of this process
 
     def on_evaluate(self, args, state, control, **kwargs):
         health = self.measure()
         if health is not None:
+            self.measured[state.global_step] = health
             trace = {key: health[key] for key in HEALTH_TRACE_KEYS}
             state.log_history.append({"step": state.global_step, "latent_health": trace})
             log.info("step %d: latents on the validation rows: %s", state.global_step, trace)
@@ -146,9 +148,10 @@ def train_stage1(
         base=params.base.model_dump(mode="json", include={"seed", "compression_rate", "top_k"}),
         inputs={name: dir_digest(folder) for name, folder in vars(inputs).items() if folder is not None},
     )
-    trace = LatentHealthTrace(
-        lambda: measure_encoder_health(encoder, decoder, params, val_rows, ids, section.train.batch_size)
-    )
+    def measure_health() -> dict | None:
+        return measure_encoder_health(encoder, decoder, params, val_rows, ids, section.train.batch_size)
+
+    trace = LatentHealthTrace(measure_health)
     result = run_training(
         model, train, Stage1Collator(ids.pad), section.train, scratch_dir,
         params.base.seed, fingerprint, trainer_cls=TrainableStateTrainer, eval_dataset=val, callbacks=[trace],
@@ -156,9 +159,11 @@ def train_stage1(
     metrics = {"trainable_parameters": trainable, **result.summary()}
     if by_step := health_by_step(result.log_history):
         metrics["latent_health_by_step"] = by_step
-    # the best checkpoint's latents on the validation rows: a collapse must show here, not three stages later
-    health = encoder_health(encoder, decoder, params, val_rows, ids, section.train.batch_size, f"{stage} (validation)")
+    # the best checkpoint's latents on the validation rows: a collapse must show here, not three stages later.
+    # The trace measured them at that step, unless the step was validated before a resume.
+    health = trace.measured.get(result.best_checkpoint_step) or measure_health()
     if health is not None:
+        report_health(f"{stage} (validation)", health, params.collapse_guard)
         metrics["latent_health"] = health
     with atomic_outputs() as outputs:
         adapters = outputs.folder(out_dir)

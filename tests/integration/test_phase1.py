@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from latent_sft_core.chunking import read_chunked
 from latent_sft_core.config import LatentParams
 from latent_sft_core.errors import ArtifactError
+from latent_sft_core.latent_health import measure_encoder_health
 from latent_sft_core.losses import alpha_marginal_entropy
 from latent_sft_core.masks import Role
 from latent_sft_core.modeling import load_pretrained_model, merged
@@ -73,6 +74,28 @@ def test_each_stage_writes_its_adapters_and_its_loss_goes_down(phase1_run, stage
     by_step = stage_metrics["latent_health_by_step"]
     assert set(by_step) == set(stage_metrics["val_loss_by_step"])
     assert by_step[str(stage_metrics["best_step"])] == {key: health[key] for key in HEALTH_TRACE_KEYS}
+    # measured again from the adapters on disk: the statistics are the saved (best) checkpoint's
+    encoder, decoder = (saved_stage_model(root, stage, name) for name in (ENCODER, DECODER))
+    val_rows = read_chunked(root / "chunked" / "val.parquet", params.base.compression_rate)
+    again = measure_encoder_health(encoder, decoder, params, val_rows, special_ids(load_tokenizer(root / "base")), 16)
+    assert {key: again[key] for key in ("latents", "distinct_top1", "distinct_chunk_tokens", "collapsed")} == {
+        key: health[key] for key in ("latents", "distinct_top1", "distinct_chunk_tokens", "collapsed")}
+    for key in ("mean_entropy", "mass_outside_top1", "chunk_mass"):
+        assert again[key] == pytest.approx(health[key], abs=2e-4), key
+
+
+SAVED_ADAPTERS = {  # (stage, model) -> the stage folders whose adapters make that model at the stage's end
+    ("train_encoder", ENCODER): ("train_encoder",), ("train_encoder", DECODER): (),
+    ("train_decoder", ENCODER): ("train_encoder",), ("train_decoder", DECODER): ("train_decoder",),
+    ("train_joint", ENCODER): ("train_encoder", "train_joint"), ("train_joint", DECODER): ("train_decoder", "train_joint"),
+}
+
+
+def saved_stage_model(root, stage, name):
+    model = load_pretrained_model(root / "base")
+    for stage_dir in SAVED_ADAPTERS[stage, name]:
+        model = merged(model, root / stage_dir / name)
+    return model.eval()
 
 
 @pytest.mark.parametrize("stage", STAGES)
