@@ -11,7 +11,11 @@ is fed (1) to the phase-1 decoder: ``phase1_ceiling_pass@1``, what the latents c
 ``teacher_forced_pass@1``, whether it can answer from them; its own latents give ``pass@1`` (free-running).
 Per latent step the stage-2 model's distribution (at alpha's temperature, as stage 2 trains it) is compared with
 the teacher's latent of the same index, teacher-forced and free-running: ``*_top1_agreement`` (same most
-probable token) and ``*_kl`` (KL(teacher || student), nats), averaged over the compared latents.
+probable token) and ``*_kl`` (KL(teacher || student), nats), averaged over the compared latents. Per question,
+``free_running_on_teacher_path``: the share whose free-running latents stay on the teacher's path (as many
+latents, each with the teacher's top-1 token), and Pass@1 on and off that path (``free_running_pass@1_on_teacher_path``,
+``..._off_teacher_path``; null for an empty group): when the errors are all off the path, stage 2 loses its
+accuracy in producing the latents, not in answering from them.
 
 Outputs: ``metrics/evaluate.json`` ({model: {split: {metric: value}}}), ``metrics/report.md`` (the same as
 Markdown tables), per-question predictions (Parquet), the ECR@K curve and the top-token heat map (DVC plots).
@@ -151,7 +155,7 @@ class Phase1Teacher:
 def diagnostics(
     params: Params, phase1: Phase1Teacher, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     free_running: SplitRun, teacher: Sequence[SparseAlpha],
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Where the latent model's accuracy is lost on one split (module docstring)."""
     if tokenizer_fingerprint(phase1.tokenizer) != tokenizer_fingerprint(tokenizer):
         raise ArtifactError("the phase-1 models and the latent model use different tokenizers")
@@ -166,7 +170,26 @@ def diagnostics(
         compared = [step for decoded in run.decoded for step in decoded.latent_steps if step.teacher_kl is not None]
         metrics[f"{name}_top1_agreement"] = _mean([float(step.teacher_agrees) for step in compared])
         metrics[f"{name}_kl"] = _mean([step.teacher_kl for step in compared])
+    if params.latent.kind == "soft_embedding":  # the hidden-state ablation's latents have no top-1 token
+        metrics |= teacher_path_metrics(free_running.decoded, teacher, free_running.correct)
     return metrics
+
+
+def teacher_path_metrics(
+    decoded: Sequence[Decoded], teacher: Sequence[SparseAlpha], correct: Sequence[bool],
+) -> dict[str, float | None]:
+    """Share of questions whose latents stay on the teacher's path (as many latents as the teacher's alpha [N, k]
+    has rows, each with the teacher's top-1 token), and Pass@1 on and off that path (None for an empty group)."""
+    on_path = [len(d.latent_steps) == alpha.probs.shape[0] and all(step.teacher_agrees for step in d.latent_steps)
+               for d, alpha in zip(decoded, teacher, strict=True)]
+    groups = {True: [], False: []}
+    for follows, right in zip(on_path, correct, strict=True):
+        groups[follows].append(float(right))
+    return {
+        "free_running_on_teacher_path": _mean([float(follows) for follows in on_path]),
+        "free_running_pass@1_on_teacher_path": _mean(groups[True]) if groups[True] else None,
+        "free_running_pass@1_off_teacher_path": _mean(groups[False]) if groups[False] else None,
+    }
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -253,7 +276,7 @@ def markdown_report(results: dict[str, dict[str, dict[str, float]]], params: Par
     for model in models:
         names = list(results[model][splits[0]])
         lines += ["", f"## {model}", "", _table_row(["split", *names]), _table_row(["---"] * (1 + len(names)))]
-        lines += [_table_row([split, *(f"{values[n]:g}" for n in names)]) for split, values in results[model].items()]
+        lines += [_table_row([split, *(_cell(values.get(n)) for n in names)]) for split, values in results[model].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -264,11 +287,13 @@ def _losses_table(latent: dict[str, dict[str, float]]) -> list[str]:
     if not splits:
         return []
     columns = ["split", "phase-1 ceiling %", "stage 2 teacher-forced %", "stage 2 free-running %",
-               "top-1 agreement TF", "KL TF", "top-1 agreement FR", "KL FR"]
+               "top-1 agreement TF", "KL TF", "top-1 agreement FR", "KL FR", "FR on teacher's path %",
+               "FR Pass@1 on / off path %"]
     lines = ["", "## Where the accuracy is lost", "",
              "The phase-1 decoder and the stage-2 model answering from the encoder's latents of the gold chain "
              "(teacher), and the stage-2 model from its own latents; per latent step, agreement of the top-1 "
-             "token and KL(teacher || student), teacher-forced (TF) and free-running (FR).", "",
+             "token and KL(teacher || student), teacher-forced (TF) and free-running (FR); the questions whose "
+             "free-running latents keep the teacher's top-1 token at every step, and Pass@1 on and off that path.", "",
              _table_row(columns), _table_row(["---"] * len(columns))]
     for split in splits:
         v = latent[split]
@@ -276,8 +301,19 @@ def _losses_table(latent: dict[str, dict[str, float]]) -> list[str]:
             split, f"{100 * v['phase1_ceiling_pass@1']:.1f}", f"{100 * v['teacher_forced_pass@1']:.1f}",
             f"{100 * v['pass@1']:.1f}", f"{v['teacher_forced_top1_agreement']:.3f}", f"{v['teacher_forced_kl']:.3f}",
             f"{v['free_running_top1_agreement']:.3f}", f"{v['free_running_kl']:.3f}",
+            _percent(v.get("free_running_on_teacher_path")),
+            f"{_percent(v.get('free_running_pass@1_on_teacher_path'))} / "
+            f"{_percent(v.get('free_running_pass@1_off_teacher_path'))}",
         ]))
     return lines
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:g}"
 
 
 def _table_row(cells: Sequence[str]) -> str:

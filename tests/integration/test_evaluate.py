@@ -79,6 +79,12 @@ def test_where_the_accuracy_is_lost_on_every_split(evaluated):
         assert (f"| {split} | {100 * latent['phase1_ceiling_pass@1']:.1f} | "
                 f"{100 * latent['teacher_forced_pass@1']:.1f} | {100 * latent['pass@1']:.1f} |") in report
         assert not set(names) & set(results["cot_sft"][split])
+        # Pass@1 is the on-path and off-path Pass@1 weighted by the share of questions on the teacher's path
+        on_rate = latent["free_running_on_teacher_path"]
+        on, off = latent["free_running_pass@1_on_teacher_path"], latent["free_running_pass@1_off_teacher_path"]
+        assert 0 <= on_rate <= 1 and (on is None) == (on_rate == 0) and (off is None) == (on_rate == 1)
+        assert latent["pass@1"] == pytest.approx(on_rate * (on or 0) + (1 - on_rate) * (off or 0), abs=1e-3)
+        assert f"| {100 * on_rate:.1f} |" in report
 
 
 def test_predictions_agree_with_the_metrics(evaluated):

@@ -1,11 +1,14 @@
-"""ECR@K, N_eff and Top-2 on hand-computed cases."""
+"""ECR@K, N_eff, Top-2 and the teacher-path split of the evaluation on hand-computed cases."""
 
 import math
 
 import pytest
+import torch
 
 from latent_sft_core.analysis import chain_chunks, ecr_at_k, path_posterior
-from latent_sft_core.inference import LatentStep
+from latent_sft_core.evaluation import teacher_path_metrics
+from latent_sft_core.inference import Decoded, LatentStep
+from latent_sft_core.soft_embedding import SparseAlpha
 
 pytestmark = pytest.mark.unit
 
@@ -70,3 +73,28 @@ def test_path_posterior_extremes():
     assert path_posterior([], [[1, 2], [5, 6]], 2) is None  # no latent step
     with_empty = path_posterior(steps, [[1, 2], []], 2)  # an empty chain explains nothing
     assert with_empty.posterior[0] == pytest.approx(1.0)
+
+
+def test_teacher_path_splits_questions_by_their_free_running_latents():
+    def question(*agrees):
+        steps = tuple(LatentStep(ids=(5,), probs=(1.0,), teacher_kl=None if a is None else 0.1, teacher_agrees=a)
+                      for a in agrees)
+        return Decoded(reasoning_ids=[5] * len(steps), answer_ids=[7], closed=True, latent_steps=steps)
+
+    def teacher(latents):
+        return SparseAlpha(torch.zeros(latents, 2, dtype=torch.long), torch.full((latents, 2), 0.5))
+
+    decoded = [
+        question(True, True),  # on the path
+        question(True, False),  # leaves it at the second latent
+        question(True),  # one latent short
+        question(True, True, None),  # one latent more than the teacher
+        question(True, True),  # on the path
+    ]
+    metrics = teacher_path_metrics(decoded, [teacher(2)] * 5, [True, False, True, False, False])
+    assert metrics == {"free_running_on_teacher_path": 0.4, "free_running_pass@1_on_teacher_path": 0.5,
+                       "free_running_pass@1_off_teacher_path": pytest.approx(1 / 3, abs=1e-4)}
+    on_only = teacher_path_metrics(decoded[:1], [teacher(2)], [True])
+    assert on_only["free_running_pass@1_off_teacher_path"] is None and on_only["free_running_on_teacher_path"] == 1.0
+    with pytest.raises(ValueError):
+        teacher_path_metrics(decoded, [teacher(2)] * 4, [True] * 5)
