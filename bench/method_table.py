@@ -214,10 +214,11 @@ def summary_table(results: Results) -> str:
 
 
 def per_seed_table(results: Results) -> str:
-    """Markdown: per Latent row and seed, phase 1's latent health and the test Pass@1 of each stage."""
+    """Markdown: per Latent row and seed, phase 1's latent health, the test Pass@1 of each stage and the share of
+    test questions whose free-running latents keep the teacher's top-1 path."""
     lines = ["| method | seed | phase-1 collapsed | distinct top-1 | phase-1 ceiling % | teacher-forced % "
-             "| free-running % | CoT-SFT % |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| free-running % | on teacher's path % | CoT-SFT % |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in (DEFAULT_ROW, *VARIANTS):
         for seed in sorted(seed for kept_row, seed in results if kept_row == row):
             health = dig(results[row, seed], "metrics", "cache_soft_labels.json", "train", "latent_health") or {}
@@ -229,7 +230,7 @@ def per_seed_table(results: Results) -> str:
                 "–" if collapsed is None else ("yes" if collapsed else "no"),
                 str(health.get("distinct_top1", "–")),
                 percent(test.get("phase1_ceiling_pass@1")), percent(test.get("teacher_forced_pass@1")),
-                percent(test.get("pass@1")), percent(cot_sft),
+                percent(test.get("pass@1")), percent(test.get("free_running_on_teacher_path")), percent(cot_sft),
             ]))
     return "\n".join(lines)
 
