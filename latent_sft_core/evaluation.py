@@ -298,8 +298,8 @@ def _losses_table(latent: dict[str, dict[str, float]]) -> list[str]:
     for split in splits:
         v = latent[split]
         lines.append(_table_row([
-            split, f"{100 * v['phase1_ceiling_pass@1']:.1f}", f"{100 * v['teacher_forced_pass@1']:.1f}",
-            f"{100 * v['pass@1']:.1f}", f"{v['teacher_forced_top1_agreement']:.3f}", f"{v['teacher_forced_kl']:.3f}",
+            split, _percent(v["phase1_ceiling_pass@1"]), _percent(v["teacher_forced_pass@1"]),
+            _percent(v["pass@1"]), f"{v['teacher_forced_top1_agreement']:.3f}", f"{v['teacher_forced_kl']:.3f}",
             f"{v['free_running_top1_agreement']:.3f}", f"{v['free_running_kl']:.3f}",
             _percent(v.get("free_running_on_teacher_path")),
             f"{_percent(v.get('free_running_pass@1_on_teacher_path'))} / "

@@ -145,4 +145,3 @@ def measure_encoder_health(
         health.update(latents.alpha, [chunk for row in batch for chunk in row.chunks()])
     encoder.train(was_training)
     return health.summary(params.collapse_guard)
-

@@ -63,25 +63,27 @@ HEALTH_TRACE_KEYS = ("distinct_top1", "chunk_mass", "mean_entropy", "collapsed")
 
 
 class LatentHealthTrace(TrainerCallback):
-    """After every validation, alpha's health on the validation rows, appended to the trainer's log history
-    (saved with each checkpoint, so a resumed run keeps it): the metrics then show where a collapse began, not
-    only the best checkpoint's latents."""
+    """After every validation, alpha's health on the validation rows (the full statistics), appended to the
+    trainer's log history (saved with each checkpoint, so a resumed run keeps it): the metrics then show where a
+    collapse began, and the best checkpoint's statistics need no second measurement."""
 
     def __init__(self, measure: Callable[[], dict | None]):
         self.measure = measure
-        self.measured: dict[int, dict] = {}  # step -> full statistics, for the validations of this process
 
     def on_evaluate(self, args, state, control, **kwargs):
         health = self.measure()
         if health is not None:
-            self.measured[state.global_step] = health
-            trace = {key: health[key] for key in HEALTH_TRACE_KEYS}
-            state.log_history.append({"step": state.global_step, "latent_health": trace})
-            log.info("step %d: latents on the validation rows: %s", state.global_step, trace)
+            state.log_history.append({"step": state.global_step, "latent_health": health})
+            log.info("step %d: latents on the validation rows: %s", state.global_step, trace_entry(health))
+
+
+def trace_entry(health: dict) -> dict:
+    """The statistics of one validation that ``latent_health_by_step`` keeps."""
+    return {key: health[key] for key in HEALTH_TRACE_KEYS}
 
 
 def health_by_step(log_history: list[dict]) -> dict[str, dict]:
-    """step -> the LatentHealthTrace entry of that step, from a trainer's log history."""
+    """step -> the LatentHealthTrace statistics of that step, from a trainer's log history."""
     return {str(entry["step"]): entry["latent_health"] for entry in log_history if "latent_health" in entry}
 
 
@@ -157,11 +159,11 @@ def train_stage1(
         params.base.seed, fingerprint, trainer_cls=TrainableStateTrainer, eval_dataset=val, callbacks=[trace],
     )
     metrics = {"trainable_parameters": trainable, **result.summary()}
-    if by_step := health_by_step(result.log_history):
-        metrics["latent_health_by_step"] = by_step
-    # the best checkpoint's latents on the validation rows: a collapse must show here, not three stages later.
-    # The trace measured them at that step, unless the step was validated before a resume.
-    health = trace.measured.get(result.best_checkpoint_step) or measure_health()
+    traced = health_by_step(result.log_history)
+    if traced:
+        metrics["latent_health_by_step"] = {step: trace_entry(health) for step, health in traced.items()}
+    # the best checkpoint's latents on the validation rows: a collapse must show here, not three stages later
+    health = traced.get(str(result.best_checkpoint_step)) or measure_health()
     if health is not None:
         report_health(f"{stage} (validation)", health, params.collapse_guard)
         metrics["latent_health"] = health
