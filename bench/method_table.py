@@ -39,6 +39,7 @@ from typing import Any
 from bench.report import BENCHMARKS_MD, machine_line, update_section
 from latent_sft_core import paths
 from latent_sft_core.config import load_params
+from latent_sft_core.evaluation import markdown_row, percent
 from latent_sft_core.io import write_json
 
 DEFAULT_ROW = "Latent-SFT(4)"  # the default params
@@ -169,21 +170,16 @@ def dig(mapping: Any, *keys: str) -> Any:
     return mapping
 
 
+NOT_MEASURED = "–"
+
+
 def cell(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     if not values:
-        return "–"
+        return NOT_MEASURED
     mean = statistics.fmean(values) * scale
     if len(values) == 1:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
-
-
-def markdown_row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def percent(value: float | None) -> str:
-    return "–" if value is None else f"{value * 100:.1f}"
 
 
 def table_rows() -> dict[str, tuple[str, str]]:
@@ -225,12 +221,13 @@ def per_seed_table(results: Results) -> str:
             collapsed = health.get("collapsed")
             test = dig(results[row, seed], "metrics", "evaluate.json", "latent_sft", "test") or {}
             cot_sft = dig(results.get((DEFAULT_ROW, seed)), "metrics", "evaluate.json", "cot_sft", "test", "pass@1")
+            measured = (test.get("phase1_ceiling_pass@1"), test.get("teacher_forced_pass@1"), test.get("pass@1"),
+                        test.get("free_running_on_teacher_path"), cot_sft)
             lines.append(markdown_row([
                 row, str(seed),
-                "–" if collapsed is None else ("yes" if collapsed else "no"),
-                str(health.get("distinct_top1", "–")),
-                percent(test.get("phase1_ceiling_pass@1")), percent(test.get("teacher_forced_pass@1")),
-                percent(test.get("pass@1")), percent(test.get("free_running_on_teacher_path")), percent(cot_sft),
+                NOT_MEASURED if collapsed is None else ("yes" if collapsed else "no"),
+                str(health.get("distinct_top1", NOT_MEASURED)),
+                *(percent(value, missing=NOT_MEASURED) for value in measured),
             ]))
     return "\n".join(lines)
 

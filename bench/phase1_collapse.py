@@ -30,7 +30,7 @@ from bench.report import machine_line, update_section
 from latent_sft_core import paths
 from latent_sft_core.config import Params, load_params, parse_params
 from latent_sft_core.io import write_json
-from latent_sft_core.stage1 import Stage1Inputs, train_stage1
+from latent_sft_core.phase1_training import Stage1Inputs, train_stage1
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "phase1_collapse"
 STAGES = ("train_encoder", "train_decoder", "train_joint")

@@ -30,8 +30,8 @@ from latent_sft_core.config import Params, load_params
 from latent_sft_core.data.synthetic import generate_synthetic
 from latent_sft_core.layout import cot_sft_sequence, stage2_sequence
 from latent_sft_core.modeling import build_tiny_model, with_lora
-from latent_sft_core.phase1 import Stage1Collator, Stage1Model, stage1_example
-from latent_sft_core.stage2 import LatentCollator, LatentExample, latent_forward
+from latent_sft_core.phase1_model import Stage1Collator, Stage1Model, stage1_example
+from latent_sft_core.phase2_training import LatentCollator, LatentExample, latent_forward
 from latent_sft_core.text import TextFormat, special_ids, train_embedded_tokenizer
 from latent_sft_core.training import CausalLMCollator
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from latent_sft_core.config import DEFAULT_PARAMS_PATH
-from latent_sft_core.stage import run_cli
+from latent_sft_core.stage_cli import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:

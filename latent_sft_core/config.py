@@ -280,7 +280,7 @@ class Stage1Params(Strict):
     diversity_weight: float = Field(
         default=0.0, ge=0,
         description="ours: training loss L_sup - weight * entropy of the batch's mean alpha, against a collapse "
-        "onto a few tokens; 0 = the paper's L_sup (phase1.Stage1Model)",
+        "onto a few tokens; 0 = the paper's L_sup (phase1_model.Stage1Model)",
     )
 
 

@@ -43,7 +43,7 @@ from latent_sft_core.errors import ArtifactError
 from latent_sft_core.inference import Decoded, LatentMode, decode
 from latent_sft_core.io import atomic_outputs, write_json
 from latent_sft_core.modeling import load_model, load_pretrained_model
-from latent_sft_core.phase1 import encode_rows
+from latent_sft_core.phase1_model import encode_rows
 from latent_sft_core.scoring import answer_text, is_correct
 from latent_sft_core.soft_embedding import SparseAlpha
 from latent_sft_core.text import TextFormat, encode, special_ids, tokenizer_fingerprint
@@ -259,8 +259,8 @@ def markdown_report(results: dict[str, dict[str, dict[str, float]]], params: Par
         f"c = {params.base.compression_rate}, k = {params.base.top_k}. Pass@1: math-verify on the text after "
         "`</think>`. #L: latent steps (latent_sft) or chain tokens (cot_sft), the answer excluded.",
         "",
-        _table_row(["split", *columns]),
-        _table_row(["---"] * (1 + len(columns))),
+        markdown_row(["split", *columns]),
+        markdown_row(["---"] * (1 + len(columns))),
     ]
     for split in splits:
         cells = [split]
@@ -271,12 +271,12 @@ def markdown_report(results: dict[str, dict[str, dict[str, float]]], params: Par
             chain = results["cot_sft"][split]["mean_reasoning_tokens"]
             latent = results["latent_sft"][split]["mean_reasoning_tokens"]
             cells.append(f"{latent / chain:.2f}" if chain else "n/a")
-        lines.append(_table_row(cells))
+        lines.append(markdown_row(cells))
     lines += _losses_table(results.get("latent_sft", {}))
     for model in models:
         names = list(results[model][splits[0]])
-        lines += ["", f"## {model}", "", _table_row(["split", *names]), _table_row(["---"] * (1 + len(names)))]
-        lines += [_table_row([split, *(_cell(values.get(n)) for n in names)]) for split, values in results[model].items()]
+        lines += ["", f"## {model}", "", markdown_row(["split", *names]), markdown_row(["---"] * (1 + len(names)))]
+        lines += [markdown_row([split, *(_cell(values.get(n)) for n in names)]) for split, values in results[model].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -294,29 +294,30 @@ def _losses_table(latent: dict[str, dict[str, float]]) -> list[str]:
              "(teacher), and the stage-2 model from its own latents; per latent step, agreement of the top-1 "
              "token and KL(teacher || student), teacher-forced (TF) and free-running (FR); the questions whose "
              "free-running latents keep the teacher's top-1 token at every step, and Pass@1 on and off that path.", "",
-             _table_row(columns), _table_row(["---"] * len(columns))]
+             markdown_row(columns), markdown_row(["---"] * len(columns))]
     for split in splits:
         v = latent[split]
-        lines.append(_table_row([
-            split, _percent(v["phase1_ceiling_pass@1"]), _percent(v["teacher_forced_pass@1"]),
-            _percent(v["pass@1"]), f"{v['teacher_forced_top1_agreement']:.3f}", f"{v['teacher_forced_kl']:.3f}",
+        lines.append(markdown_row([
+            split, percent(v["phase1_ceiling_pass@1"]), percent(v["teacher_forced_pass@1"]),
+            percent(v["pass@1"]), f"{v['teacher_forced_top1_agreement']:.3f}", f"{v['teacher_forced_kl']:.3f}",
             f"{v['free_running_top1_agreement']:.3f}", f"{v['free_running_kl']:.3f}",
-            _percent(v.get("free_running_on_teacher_path")),
-            f"{_percent(v.get('free_running_pass@1_on_teacher_path'))} / "
-            f"{_percent(v.get('free_running_pass@1_off_teacher_path'))}",
+            percent(v.get("free_running_on_teacher_path")),
+            f"{percent(v.get('free_running_pass@1_on_teacher_path'))} / "
+            f"{percent(v.get('free_running_pass@1_off_teacher_path'))}",
         ]))
     return lines
 
 
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}"
+def percent(value: float | None, missing: str = "n/a") -> str:
+    """A fraction as a percentage with one decimal; `missing` where nothing was measured (None)."""
+    return missing if value is None else f"{100 * value:.1f}"
 
 
 def _cell(value: float | None) -> str:
     return "n/a" if value is None else f"{value:g}"
 
 
-def _table_row(cells: Sequence[str]) -> str:
+def markdown_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 

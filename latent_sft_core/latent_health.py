@@ -43,7 +43,7 @@ from torch import nn
 from latent_sft_core.chunking import ChunkedRow
 from latent_sft_core.config import CollapseGuardParams, Params
 from latent_sft_core.errors import PipelineError
-from latent_sft_core.phase1 import encode_rows
+from latent_sft_core.phase1_model import encode_rows
 from latent_sft_core.soft_embedding import SparseAlpha
 from latent_sft_core.text import SpecialIds
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 from latent_sft_core import paths
 from latent_sft_core.config import load_params
-from latent_sft_core.labeling import cache_soft_labels
-from latent_sft_core.stage import run_cli, stage_parser
+from latent_sft_core.soft_label_caching import cache_soft_labels
+from latent_sft_core.stage_cli import run_cli, stage_parser
 
 
 def main(argv=None) -> None:

@@ -4,8 +4,8 @@ import sys
 from pathlib import Path
 
 from latent_sft_core import paths
-from latent_sft_core.stage import run_cli, stage_parser
-from latent_sft_core.stage1 import merge_stage1
+from latent_sft_core.phase1_training import merge_stage1
+from latent_sft_core.stage_cli import run_cli, stage_parser
 
 
 def main(argv=None) -> None:

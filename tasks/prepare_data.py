@@ -10,7 +10,7 @@ from pathlib import Path
 from latent_sft_core.config import load_params
 from latent_sft_core.data.prepare import prepare_data
 from latent_sft_core.paths import RAW_DIR
-from latent_sft_core.stage import run_cli, stage_parser
+from latent_sft_core.stage_cli import run_cli, stage_parser
 
 log = logging.getLogger("latent_sft.prepare_data")
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from latent_sft_core import paths
 from latent_sft_core.config import load_params
-from latent_sft_core.stage import run_cli, stage_parser
+from latent_sft_core.stage_cli import run_cli, stage_parser
 from latent_sft_core.text import build_tokenizer
 
 

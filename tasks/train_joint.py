@@ -3,8 +3,8 @@
 import sys
 from functools import partial
 
-from latent_sft_core.stage import run_cli
-from tasks._stage1_cli import stage1_main
+from latent_sft_core.stage_cli import run_cli
+from tasks._phase1_training_cli import stage1_main
 
 main = partial(stage1_main, "train_joint", __doc__)
 

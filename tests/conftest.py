@@ -42,7 +42,7 @@ def phase1_run(micro_run):
 
     Returns (root, params, metrics per stage); adds train_encoder/, train_decoder/, train_joint/, merged/.
     """
-    from latent_sft_core.stage1 import merge_stage1, train_stage1
+    from latent_sft_core.phase1_training import merge_stage1, train_stage1
     from tests.support import STAGE1_STAGES, stage1_inputs
 
     root, params, _ = micro_run
@@ -58,7 +58,7 @@ def phase1_run(micro_run):
 @pytest.fixture(scope="session")
 def labelled_run(phase1_run):
     """The soft-label cache of the micro phase-1 run. Returns (root, params, cache metrics); adds labels/."""
-    from latent_sft_core.labeling import cache_soft_labels
+    from latent_sft_core.soft_label_caching import cache_soft_labels
 
     root, params, _ = phase1_run
     metrics = cache_soft_labels(params, root / "merged", root / "chunked", root / "labels",
@@ -71,7 +71,7 @@ def latent_run(labelled_run):
     """A stage-2 model of the micro run, trained in this process without DeepSpeed. Returns (root, params);
     adds latent/."""
     from latent_sft_core.config import parse_params
-    from latent_sft_core.stage2 import train_latent
+    from latent_sft_core.phase2_training import train_latent
     from tests.support import deep_merge
 
     root, params, _ = labelled_run

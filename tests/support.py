@@ -125,7 +125,7 @@ STAGE1_STAGES = ("train_encoder", "train_decoder", "train_joint")
 
 def stage1_inputs(root: Path, stage: str):
     """The inputs of a phase-1 stage inside a micro-run folder (earlier stages' outputs named by stage)."""
-    from latent_sft_core.stage1 import Stage1Inputs
+    from latent_sft_core.phase1_training import Stage1Inputs
 
     return Stage1Inputs(
         base_dir=root / "base",

@@ -17,7 +17,7 @@ from latent_sft_core.latent_health import measure_encoder_health
 from latent_sft_core.losses import alpha_marginal_entropy
 from latent_sft_core.masks import Role
 from latent_sft_core.modeling import load_pretrained_model, merged
-from latent_sft_core.phase1 import (
+from latent_sft_core.phase1_model import (
     Stage1Collator,
     Stage1Model,
     backbone,
@@ -25,7 +25,7 @@ from latent_sft_core.phase1 import (
     encode_latents,
     stage1_example,
 )
-from latent_sft_core.stage1 import DECODER, ENCODER, HEALTH_TRACE_KEYS, Stage1Inputs, stage1_models
+from latent_sft_core.phase1_training import DECODER, ENCODER, HEALTH_TRACE_KEYS, Stage1Inputs, stage1_models
 from latent_sft_core.text import load_tokenizer, special_ids
 from latent_sft_core.training import SequenceDataset, TrainableStateTrainer, run_training
 from tests.support import STAGE1_STAGES as STAGES

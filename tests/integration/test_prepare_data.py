@@ -18,7 +18,7 @@ from latent_sft_core.data.prepare import prepare_data
 from latent_sft_core.data.schema import Example, read_examples
 from latent_sft_core.data.synthetic import SPLITS, generate_synthetic
 from latent_sft_core.errors import DataError
-from latent_sft_core.stage import run_cli
+from latent_sft_core.stage_cli import run_cli
 from tasks.prepare_data import main as stage_main
 from tests.support import GSM8K_AUG_TEST as REAL_TEST_TXT
 

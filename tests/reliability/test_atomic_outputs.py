@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from latent_sft_core.io import atomic_outputs, remove_stale_staging
-from latent_sft_core.stage import run_cli
+from latent_sft_core.stage_cli import run_cli
 from tests.stage_cli import make_workdir, output_paths, stage_command
 from tests.support import REPO_ROOT
 
@@ -45,12 +45,12 @@ LAST_WRITES = {
     "tokenizer": ("transformers", "PreTrainedTokenizerBase.save_pretrained"),
     "chunk": ("latent_sft_core.chunking", "write_json"),
     "base_model": ("latent_sft_core.base_model", "write_loss_curve"),
-    "train_encoder": ("latent_sft_core.stage1", "write_loss_curve"),
-    "train_decoder": ("latent_sft_core.stage1", "write_loss_curve"),
-    "train_joint": ("latent_sft_core.stage1", "write_loss_curve"),
-    "merge_lora": ("latent_sft_core.stage1", "save_model"),  # the encoder is saved, then the decoder fails
-    "cache_soft_labels": ("latent_sft_core.labeling", "write_json"),
-    "train_latent": ("latent_sft_core.stage2", "write_loss_curve"),
+    "train_encoder": ("latent_sft_core.phase1_training", "write_loss_curve"),
+    "train_decoder": ("latent_sft_core.phase1_training", "write_loss_curve"),
+    "train_joint": ("latent_sft_core.phase1_training", "write_loss_curve"),
+    "merge_lora": ("latent_sft_core.phase1_training", "save_model"),  # the encoder is saved, then the decoder fails
+    "cache_soft_labels": ("latent_sft_core.soft_label_caching", "write_json"),
+    "train_latent": ("latent_sft_core.phase2_training", "write_loss_curve"),
     "evaluate": ("latent_sft_core.evaluation", "write_json"),
 }
 

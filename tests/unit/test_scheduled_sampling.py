@@ -9,8 +9,14 @@ from latent_sft_core.layout import stage2_sequence
 from latent_sft_core.losses import predicting_positions, stage2_losses
 from latent_sft_core.masks import Role
 from latent_sft_core.modeling import build_tiny_model
+from latent_sft_core.phase2_training import (
+    LatentCollator,
+    LatentExample,
+    LatentTrainer,
+    latent_forward,
+    scheduled_inputs,
+)
 from latent_sft_core.soft_embedding import SparseAlpha, alpha_from_logits, mix_embeddings
-from latent_sft_core.stage2 import LatentCollator, LatentExample, LatentTrainer, latent_forward, scheduled_inputs
 from tests.support import SPECIAL_IDS, chunked_row
 
 pytestmark = pytest.mark.unit

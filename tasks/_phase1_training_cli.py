@@ -7,8 +7,8 @@ from pathlib import Path
 
 from latent_sft_core import paths
 from latent_sft_core.config import load_params
-from latent_sft_core.stage import stage_parser
-from latent_sft_core.stage1 import Stage1Inputs, Stage1Name, train_stage1
+from latent_sft_core.phase1_training import Stage1Inputs, Stage1Name, train_stage1
+from latent_sft_core.stage_cli import stage_parser
 
 OUTPUTS = {
     "train_encoder": paths.STAGE1_ENCODER_DIR,

@@ -21,13 +21,13 @@ from latent_sft_core.chunking import read_chunked
 from latent_sft_core.config import parse_params
 from latent_sft_core.errors import ArtifactError
 from latent_sft_core.evaluation import EvaluationOutputs, evaluate
-from latent_sft_core.labeling import cache_soft_labels, encoder_fingerprint
 from latent_sft_core.latent_health import LatentCollapseError
 from latent_sft_core.layout import encoder_sequence, pad_sequences
 from latent_sft_core.modeling import load_pretrained_model, save_model
-from latent_sft_core.phase1 import encode_latents
+from latent_sft_core.phase1_model import encode_latents
+from latent_sft_core.phase2_training import LatentTrainer, train_latent
+from latent_sft_core.soft_label_caching import cache_soft_labels, encoder_fingerprint
 from latent_sft_core.soft_labels import open_soft_labels
-from latent_sft_core.stage2 import LatentTrainer, train_latent
 from latent_sft_core.text import load_tokenizer, special_ids, tokenizer_fingerprint
 from tests.stage_cli import make_workdir, output_paths, stage_command
 from tests.support import deep_merge, subprocess_environment

@@ -23,7 +23,7 @@ from latent_sft_core.errors import ArtifactError
 from latent_sft_core.io import atomic_outputs, write_json
 from latent_sft_core.latent_health import AlphaHealth, report_health
 from latent_sft_core.modeling import load_pretrained_model
-from latent_sft_core.phase1 import encode_rows
+from latent_sft_core.phase1_model import encode_rows
 from latent_sft_core.soft_embedding import SparseAlpha
 from latent_sft_core.soft_labels import SoftLabelMeta, SoftLabelWriter, bytes_per_latent
 from latent_sft_core.text import load_tokenizer, special_ids, tokenizer_fingerprint

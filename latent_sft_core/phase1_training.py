@@ -28,7 +28,7 @@ from latent_sft_core.errors import ArtifactError, DataError
 from latent_sft_core.io import atomic_dir, atomic_outputs, write_json
 from latent_sft_core.latent_health import measure_encoder_health, report_health
 from latent_sft_core.modeling import frozen, load_pretrained_model, merged, save_model, with_lora
-from latent_sft_core.phase1 import Stage1Collator, Stage1Model, stage1_example
+from latent_sft_core.phase1_model import Stage1Collator, Stage1Model, stage1_example
 from latent_sft_core.text import SpecialIds, load_tokenizer, special_ids, tokenizer_fingerprint
 from latent_sft_core.training import (
     SCRATCH_ROOT,

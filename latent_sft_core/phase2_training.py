@@ -36,12 +36,12 @@ from latent_sft_core.deepspeed_config import deepspeed_config
 from latent_sft_core.errors import ArtifactError, DataError
 from latent_sft_core.inference import LatentMode
 from latent_sft_core.io import atomic_outputs, write_json
-from latent_sft_core.labeling import encoder_fingerprint
 from latent_sft_core.layout import TokenSequence, labels_from_roles, pad_sequences, stage2_sequence
 from latent_sft_core.losses import predicting_positions, stage2_losses
 from latent_sft_core.masks import Role
 from latent_sft_core.modeling import load_pretrained_model, merged, save_model, with_lora
 from latent_sft_core.soft_embedding import SparseAlpha, alpha_from_logits, gumbel_perturb, mix_embeddings
+from latent_sft_core.soft_label_caching import encoder_fingerprint
 from latent_sft_core.soft_labels import SoftLabelReader, open_soft_labels
 from latent_sft_core.text import SpecialIds, load_tokenizer, special_ids, tokenizer_fingerprint
 from latent_sft_core.training import (
