@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -56,6 +57,8 @@ from latent_sft_core.training import (
 )
 
 log = logging.getLogger(__name__)
+# A JIT build of a DeepSpeed op takes about a minute on 2 cores; a build lock this old has no live builder.
+STALE_BUILD_LOCK_SECONDS = 30 * 60
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,35 @@ class LatentTrainer(ComponentLoggingTrainer):
                               student_probability=self.student_probability(), student=self.student)
 
 
+def extension_build_locks() -> list[Path]:
+    """The lock files of torch's C++ extension builds (DeepSpeed JIT-builds its ops there, e.g. the CPU
+    accelerator's ``deepspeed_shm_comm`` at every start), under ``TORCH_EXTENSIONS_DIR`` or torch's default root."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return sorted({*root.glob("*/lock"), *root.glob("*/*/lock")})
+
+
+def clear_stale_build_locks(now: float | None = None) -> None:
+    """A process killed while DeepSpeed builds an op leaves the build's lock file behind, and every later run
+    then waits on it forever without a word (seen: train_latent killed in its first minute, the next two runs
+    idle for good). Locks older than ``STALE_BUILD_LOCK_SECONDS`` are removed; a younger one is named in the log,
+    since a run that stops here is waiting on it."""
+    now = time.time() if now is None else now
+    for lock in extension_build_locks():
+        try:
+            age = now - lock.stat().st_mtime
+            if age > STALE_BUILD_LOCK_SECONDS:
+                lock.unlink()
+                log.warning("removed %s: a torch extension build lock %.0f min old, left by a killed build", lock,
+                            age / 60)
+            else:
+                log.warning("%s exists: DeepSpeed waits until that build ends; if no other run is building it, "
+                            "delete the file", lock)
+        except FileNotFoundError:  # the build it guarded has just ended
+            continue
+
+
 def ensure_distributed_env() -> None:
     """Single-process defaults for DeepSpeed (torchrun and the deepspeed launcher set these themselves)."""
     if not torch.cuda.is_available():
@@ -265,6 +297,7 @@ def train_latent(
     overrides: dict = {}
     if section.deepspeed.enabled:
         ensure_distributed_env()
+        clear_stale_build_locks()
         overrides["deepspeed"] = deepspeed_config(section.deepspeed)
     fingerprint = run_fingerprint(
         section=section.model_dump(mode="json"),
