@@ -251,7 +251,7 @@ class CollapseGuardParams(Strict):
     min_distinct_top1_fraction: float = Field(
         default=0.3, ge=0, le=1, description="distinct top-1 tokens over distinct chunk tokens, at least"
     )
-    min_chunk_mass: float = Field(default=0.05, ge=0, le=1, description="alpha's mass on its own chunk, at least")
+    min_chunk_mass: float = Field(default=0.1, ge=0, le=1, description="alpha's mass on its own chunk, at least")
     on_collapse: Literal["warn", "error"] = Field(
         default="warn", description="warn: a loud warning and collapsed=true in the metrics; error: fail the stage"
     )

@@ -20,12 +20,15 @@ Measured (c = 4, k = 10, validation rows; BENCHMARKS.md): healthy phase-1 runs h
 tokens out of 96-108 distinct chunk tokens (fraction 0.86-0.99) and put 0.19 (temperature 4) to 0.71
 (temperature 1) of their mass on their chunk; the collapse reported on another machine had 2 distinct top-1
 tokens (fraction ~0.02) on ``-`` / ``>>``, and an encoder-only stage trained 4x longer here drifted to 10
-(0.10) with 0.004 of its mass on its chunk. The guard flags a phase 1 as collapsed when
+(0.10) with 0.004 of its mass on its chunk. An 8-layer base at temperature 4 put 0.08 of alpha's mass on the
+chunk, near-uniform over its ten tokens, with 53 distinct top-1 tokens: the phase-1 decoder then answered only
+31% of the test questions from those latents. The guard flags a phase 1 as collapsed when
 
 * ``distinct_top1_fraction < collapse_guard.min_distinct_top1_fraction`` (default 0.3: well clear of both
   regimes), or
-* ``chunk_mass < collapse_guard.min_chunk_mass`` (default 0.05: a latent that gives its own chunk less than
-  one twentieth of its mass does not carry it, however many chunk tokens its near-zero tail lists).
+* ``chunk_mass < collapse_guard.min_chunk_mass`` (default 0.1: a latent that gives its own chunk less than
+  a tenth of its mass does not carry it, however many chunk tokens its tail lists; between the 0.08 of the
+  31%-ceiling run and the 0.19 of the least concentrated healthy one).
 
 Entropy alone is no criterion: a healthy run at temperature 1 has low entropy too (0.35 nats), its mass on
 the chunk's key token. The hidden-state ablation has no alpha and is not checked.

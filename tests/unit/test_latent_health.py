@@ -120,3 +120,21 @@ def test_report_warns_loudly_or_fails(caplog):
 def test_mismatched_chunks_are_an_error():
     with pytest.raises(ValueError, match="2 latents but 1 chunks"):
         AlphaHealth(top_k=1).update(SparseAlpha(torch.tensor([[1], [2]]), torch.ones(2, 1)), [[1]])
+
+
+def test_a_broad_alpha_with_little_mass_on_its_chunk_is_collapsed():
+    """The 8-layer base at temperature 4: many distinct top-1 tokens, alpha near-uniform over its k tokens, 0.08
+    of it on the chunk, and a 31% phase-1 ceiling. Distinct tokens alone would call it healthy."""
+    generator = torch.Generator().manual_seed(2)
+    chunks = [torch.randint(0, 100, (4,), generator=generator).tolist() for _ in range(200)]
+    others = [[(chunk[0] + shift) % 100 + 100 for shift in range(1, 10)] for chunk in chunks]
+    ids = torch.tensor([[other[0], *other[1:5], chunk[0], *other[5:]] for chunk, other in zip(chunks, others)])
+    probs = torch.tensor([[0.12, 0.1, 0.1, 0.1, 0.1, 0.08, 0.1, 0.1, 0.1, 0.1]]).expand(200, 10)
+    health = AlphaHealth(top_k=10)
+    health.update(SparseAlpha(ids, probs), chunks)
+    stats = health.summary(GUARD)
+    assert stats["chunk_mass"] == pytest.approx(0.08)
+    assert stats["distinct_top1_fraction"] > 0.5
+    assert stats["collapsed"] is True
+    assert stats["collapse_reasons"] == [
+        "alpha puts 0.08 of its mass on its own chunk's tokens (< collapse_guard.min_chunk_mass=0.1)"]
