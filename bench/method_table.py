@@ -26,6 +26,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import os
 import re
 import shlex
 import statistics
@@ -111,7 +112,9 @@ def run_experiment(name: str, overrides: list[str]) -> RunMetrics:
     for override in overrides:
         command += ["--set-param", override]
     print("$", shlex.join(command), flush=True)
-    subprocess.run(command, check=True)
+    # This interpreter's bin first: `dvc` and the stages' `python` are its own, also from an unactivated venv.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    subprocess.run(command, check=True, env={**os.environ, "PATH": path})
 
     def git(*arguments: str) -> str:
         return subprocess.run(["git", *arguments], check=True, capture_output=True, text=True).stdout

@@ -1,6 +1,6 @@
 import json
-import os
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -208,7 +208,9 @@ def test_run_experiment_reads_the_metrics_files_the_experiment_committed(tmp_pat
                                  'git -c user.name=t -c user.email=t@t commit -qm exp\n'
                                  'git update-ref "refs/exps/ab/cdef12/$5" HEAD\n')
     (bin_dir / "dvc").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    # The interpreter's folder comes first on the experiment's PATH (an unactivated venv), so its dvc is used.
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
     workspace = tmp_path / "workspace"
     (workspace / "metrics").mkdir(parents=True)
     (workspace / "metrics" / "evaluate.json").write_text(json.dumps(evaluate_json(0.5)))
