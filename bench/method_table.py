@@ -42,6 +42,7 @@ from latent_sft_core import paths
 from latent_sft_core.config import load_params
 from latent_sft_core.evaluation import markdown_row, percent
 from latent_sft_core.io import write_json
+from latent_sft_core.subprocess_env import interpreter_first_path
 
 DEFAULT_ROW = "Latent-SFT(4)"  # the default params
 COT_ROW = "CoT-SFT"
@@ -112,9 +113,7 @@ def run_experiment(name: str, overrides: list[str]) -> RunMetrics:
     for override in overrides:
         command += ["--set-param", override]
     print("$", shlex.join(command), flush=True)
-    # This interpreter's bin first: `dvc` and the stages' `python` are its own, also from an unactivated venv.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    subprocess.run(command, check=True, env={**os.environ, "PATH": path})
+    subprocess.run(command, check=True, env={**os.environ, "PATH": interpreter_first_path()})
 
     def git(*arguments: str) -> str:
         return subprocess.run(["git", *arguments], check=True, capture_output=True, text=True).stdout

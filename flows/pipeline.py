@@ -22,6 +22,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import Task
 
+from latent_sft_core.subprocess_env import interpreter_first_path
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # Only downloads fail for reasons a retry can cure (network); training stages resume from their checkpoints
@@ -130,8 +132,7 @@ def stage_environment() -> dict[str, str]:
     """The environment DVC and the stages run in: this interpreter's environment, offline, unbuffered."""
     return {
         **os.environ,
-        # DVC runs each stage as `python -m tasks.<stage>`: that python must be the flow's own environment's
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PATH": interpreter_first_path(),
         # a piped Python buffers its output in blocks; the run log should follow the stage line by line
         "PYTHONUNBUFFERED": "1",
         # progress bars redraw many times a second, and every redraw becomes a log line

@@ -81,7 +81,9 @@ def dvc(project: Path, *args: str, env: dict[str, str] | None = None) -> str:
     import subprocess
     import sys
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    from latent_sft_core.subprocess_env import interpreter_first_path
+
+    env = {**os.environ, "PATH": interpreter_first_path(),
            "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(project), **(env or {})}
     result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True,
                             text=True)
