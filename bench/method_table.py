@@ -234,8 +234,92 @@ def per_seed_table(results: Results) -> str:
     return "\n".join(lines)
 
 
+# Issue 13's targets: the test split's gap to CoT-SFT (points), #L relative to CoT-SFT's, and CoT-SFT's range on OOD.
+CEILING_GAP_POINTS = 3  # every seed: phase-1 ceiling >= CoT-SFT - 3 points
+DEFAULT_ROW_GAP_POINTS = 2  # Latent-SFT(4) within 2 points of CoT-SFT (mean over seeds)
+LENGTH_RATIO = {DEFAULT_ROW: 0.3, "Latent-SFT(2)": 0.5}  # #L at most this share of CoT-SFT's
+HIDDEN_STATE_ROW = "Hidden state (c=4)"
+OOD_COT_RANGE = (0.20, 0.95)
+
+
+def row_means(results: Results, row: str, model: str, split: str,
+              seeds: list[int] | None = None) -> tuple[float, float, list[int]] | None:
+    """(mean Pass@1, mean #L, their seeds) of ``model`` in the kept runs of ``row`` on ``split`` (of ``seeds``
+    only, when given); None if there is none."""
+    runs = {seed: dig(result, "metrics", "evaluate.json", model, split) for (kept, seed), result in results.items()
+            if kept == row and (seeds is None or seed in seeds)}
+    runs = {seed: run for seed, run in sorted(runs.items()) if run}
+    if not runs:
+        return None
+    return (statistics.fmean(run["pass@1"] for run in runs.values()),
+            statistics.fmean(run["mean_reasoning_tokens"] for run in runs.values()), list(runs))
+
+
+def targets_table(results: Results, planned_seeds: int) -> str:
+    """Markdown: each target of the method table, what the kept runs measure, and whether it is met.
+
+    A verdict drawn from fewer seeds than ``planned_seeds`` says so ("so far"); one with no run says
+    "not measured".
+    """
+    def verdict(met: bool, seeds: int) -> str:
+        word = "met" if met else "missed"
+        return word if seeds >= planned_seeds else f"{word} so far ({seeds} of {planned_seeds} seeds)"
+
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
+    seeds = sorted(seed for row, seed in results if row == DEFAULT_ROW)
+    health = []
+    for seed in seeds:
+        collapsed = dig(results[DEFAULT_ROW, seed], "metrics", "cache_soft_labels.json", "train", "latent_health",
+                        "collapsed")
+        test = dig(results[DEFAULT_ROW, seed], "metrics", "evaluate.json") or {}
+        ceiling = dig(test, "latent_sft", "test", "phase1_ceiling_pass@1")
+        cot_pass = dig(test, "cot_sft", "test", "pass@1")
+        health.append((seed, collapsed, ceiling, cot_pass))
+    measured = "; ".join(f"seed {seed}: {'collapsed' if collapsed else 'not collapsed'}, ceiling "
+                         f"{percent(ceiling, missing=NOT_MEASURED)} vs CoT-SFT {percent(cot_pass, missing=NOT_MEASURED)}"
+                         for seed, collapsed, ceiling, cot_pass in health)
+    healthy = all(collapsed is False and ceiling is not None and cot_pass is not None
+                  and ceiling >= cot_pass - CEILING_GAP_POINTS / 100 for _, collapsed, ceiling, cot_pass in health)
+    lines.append(markdown_row([f"every seed: phase 1 not collapsed, ceiling ≥ CoT-SFT − {CEILING_GAP_POINTS} points",
+                               measured or NOT_MEASURED,
+                               verdict(healthy, len(health)) if health else "not measured"]))
+
+    for row, ratio in LENGTH_RATIO.items():
+        latent = row_means(results, row, "latent_sft", "test")
+        # CoT-SFT of the same seeds: a row with fewer seeds so far is not judged against another seed's base
+        cot = latent and row_means(results, DEFAULT_ROW, "cot_sft", "test", seeds=latent[2])
+        gap = DEFAULT_ROW_GAP_POINTS if row == DEFAULT_ROW else 0
+        target = (f"{row}: within {gap} points of CoT-SFT" if gap else f"{row}: at least CoT-SFT") + \
+            f" at #L ≤ {ratio}x (means)"
+        if not cot:
+            lines.append(markdown_row([target, NOT_MEASURED, "not measured"]))
+            continue
+        length = latent[1] / cot[1]
+        met = latent[0] >= cot[0] - gap / 100 and length <= ratio
+        lines.append(markdown_row([target, f"{percent(latent[0])} vs {percent(cot[0])} at {length:.2f}x",
+                                   verdict(met, len(cot[2]))]))
+
+    hidden = row_means(results, HIDDEN_STATE_ROW, "latent_sft", "test")
+    full = hidden and row_means(results, DEFAULT_ROW, "latent_sft", "test", seeds=hidden[2])
+    target = f"{HIDDEN_STATE_ROW} below {DEFAULT_ROW} (means)"
+    if not full:
+        lines.append(markdown_row([target, NOT_MEASURED, "not measured"]))
+    else:
+        lines.append(markdown_row([target, f"{percent(hidden[0])} vs {percent(full[0])}",
+                                   verdict(hidden[0] < full[0], len(full[2]))]))
+
+    low, high = OOD_COT_RANGE
+    splits = sorted({split for (row, _), result in results.items() if row == DEFAULT_ROW
+                     for split in dig(result, "metrics", "evaluate.json", "cot_sft") or {}} - {"test", "val"})
+    for split in splits:
+        ood = row_means(results, DEFAULT_ROW, "cot_sft", split)
+        lines.append(markdown_row([f"CoT-SFT on `{split}` between {low:.0%} and {high:.0%} (mean)",
+                                   percent(ood[0]), verdict(low <= ood[0] <= high, len(ood[2]))]))
+    return "\n".join(lines)
+
+
 def section(results: Results, command: str, results_dir: Path, stale: int, keep_stale: bool,
-            left: list[tuple[str, int]]) -> str:
+            left: list[tuple[str, int]], planned_seeds: int) -> str:
     """The BENCHMARKS.md section: what was run where, then both tables."""
     seeds = sorted({seed for _, seed in results})
     machines = sorted({result["machine"] for result in results.values()})
@@ -264,6 +348,10 @@ phase-1 decoder's Pass@1 from the encoder's latents (ceiling), stage 2 teacher-f
 CoT-SFT of the same seed; "–": not measured by that run.
 
 {per_seed_table(results)}
+
+The targets (issue 13), judged on the kept runs:
+
+{targets_table(results, planned_seeds)}
 """
 
 
@@ -309,7 +397,8 @@ def main(argv: list[str] | None = None) -> None:
         results = {key: result for key, result in kept.items() if args.keep_stale or current(key[0], result)}
         stale = sum(not current(row, result) for (row, _), result in kept.items())
         left = [pair for pair in plan if pair not in results]
-        update_section("method_table", section(results, command, args.results_dir, stale, args.keep_stale, left),
+        update_section("method_table", section(results, command, args.results_dir, stale, args.keep_stale, left,
+                                                         len(args.seeds)),
                        path=args.benchmarks_md)
         return left
 

@@ -178,6 +178,54 @@ def test_e_the_tables_show_mean_and_std_over_seeds_and_dashes_for_absent_metrics
     ]
 
 
+def healthy(collapsed: bool) -> dict:
+    return {"cache_soft_labels.json": {"train": {"latent_health": {"collapsed": collapsed}}}}
+
+
+def run_pair(latent_pass: float, latent_length: float, cot_pass: float, ceiling: float | None = None,
+             ood: float = 0.5) -> dict:
+    latent = {"pass@1": latent_pass, "mean_reasoning_tokens": latent_length}
+    if ceiling is not None:
+        latent["phase1_ceiling_pass@1"] = ceiling
+    return {"cot_sft": {"test": {"pass@1": cot_pass, "mean_reasoning_tokens": 10.0},
+                        "hard": {"pass@1": ood, "mean_reasoning_tokens": 12.0}},
+            "latent_sft": {"test": latent}}
+
+
+def test_g_the_targets_are_judged_on_the_seeds_each_row_has():
+    results = {
+        # CoT-SFT 0.90 / 0.80 / 0.85; Latent-SFT(4) 0.89 / 0.77 / 0.84 (mean gap 1.67 points) at 2.9 / 10
+        (DEFAULT_ROW, 0): kept(0, run_pair(0.89, 2.9, 0.90, ceiling=0.95, ood=0.96), **healthy(False)),
+        (DEFAULT_ROW, 1): kept(1, run_pair(0.77, 2.9, 0.80, ceiling=0.76, ood=0.30), **healthy(False)),
+        (DEFAULT_ROW, 2): kept(2, run_pair(0.84, 2.9, 0.85, ceiling=0.90, ood=0.30), **healthy(False)),
+        # seed 1 only: judged against seed 1's CoT-SFT (0.80), not the 3-seed mean (0.85)
+        ("Latent-SFT(2)", 1): kept(1, run_pair(0.82, 5.0, 0.80)),
+        ("Hidden state (c=4)", 0): kept(0, run_pair(0.90, 2.9, 0.90)),
+    }
+    lines = method_table.targets_table(results, planned_seeds=3).splitlines()
+    assert lines[2] == ("| every seed: phase 1 not collapsed, ceiling ≥ CoT-SFT − 3 points | seed 0: not collapsed, "
+                        "ceiling 95.0 vs CoT-SFT 90.0; seed 1: not collapsed, ceiling 76.0 vs CoT-SFT 80.0; seed 2: "
+                        "not collapsed, ceiling 90.0 vs CoT-SFT 85.0 | missed |")  # seed 1: 4 points below
+    assert lines[3] == "| Latent-SFT(4): within 2 points of CoT-SFT at #L ≤ 0.3x (means) | 83.3 vs 85.0 at 0.29x | met |"
+    assert lines[4] == ("| Latent-SFT(2): at least CoT-SFT at #L ≤ 0.5x (means) | 82.0 vs 80.0 at 0.50x "
+                        "| met so far (1 of 3 seeds) |")
+    # seed 0 only: 90.0 against seed 0's full method, 89.0
+    assert lines[5] == ("| Hidden state (c=4) below Latent-SFT(4) (means) | 90.0 vs 89.0 "
+                        "| missed so far (1 of 3 seeds) |")
+    assert lines[6] == "| CoT-SFT on `hard` between 20% and 95% (mean) | 52.0 | met |"
+    assert len(lines) == 7
+
+    results[DEFAULT_ROW, 1] = kept(1, run_pair(0.77, 3.5, 0.80, ceiling=0.80), **healthy(True))
+    lines = method_table.targets_table(results, planned_seeds=3).splitlines()
+    assert "seed 1: collapsed" in lines[2] and lines[2].endswith("| missed |")
+    assert lines[3].endswith("at 0.31x | missed |")  # #L over 0.3x
+
+
+def test_g_targets_without_runs_are_not_measured():
+    lines = method_table.targets_table({}, planned_seeds=3).splitlines()
+    assert [line.rsplit("|", 2)[1].strip() for line in lines[2:]] == ["not measured"] * 4
+
+
 def test_e_the_written_section_comes_from_every_kept_run(bench):
     bench.run("--seeds", "0", "1", "2", "--no-nocot", "--variants")
     text = bench.md.read_text()
@@ -185,6 +233,8 @@ def test_e_the_written_section_comes_from_every_kept_run(bench):
     assert "| CoT-SFT | 3 | 80.0 ± 0.0 | 17.00 ± 0.00 |" in text
     assert "| Latent-SFT(4) | 2 | – | – | – | – | 90.0 | – | 80.0 |" in text
     assert "Seeds (`base.seed`, each retraining the base model): 0, 1, 2;" in text
+    assert ("| Latent-SFT(4): within 2 points of CoT-SFT at #L ≤ 0.3x (means) | 70.0 vs 80.0 at 0.24x | missed |"
+            in text)
     bench.run("--seeds", "0", "--no-nocot", "--variants")  # a sitting on fewer seeds keeps the others in the table
     assert "| Latent-SFT(4) | 3 | 70.0 ± 20.0 | 4.00 ± 0.00 |" in bench.md.read_text()
 
