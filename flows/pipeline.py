@@ -28,7 +28,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # Only downloads fail for reasons a retry can cure (network); training stages resume from their checkpoints
 # when rerun, so a retry there would only repeat a deterministic failure.
-NETWORK_STAGES = frozenset({"prepare_data"})
+NETWORK_STAGES = frozenset({"prepare_data", "import_model"})
 NETWORK_RETRIES = 2
 NETWORK_RETRY_DELAY_S = 30
 

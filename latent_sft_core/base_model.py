@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from latent_sft_core import paths
 from latent_sft_core.chunking import ChunkedRow, chunk_examples
 from latent_sft_core.config import DecodingParams, Params
 from latent_sft_core.data.schema import read_examples
@@ -47,12 +48,13 @@ def train_base_model(
     metrics_path: Path,
     loss_curve_path: Path,
     scratch_dir: Path = SCRATCH_ROOT / "base_model",
+    pretrained_dir: Path = paths.PRETRAINED_DIR,
 ) -> dict:
     """CoT-SFT on the train split, greedy exact-match on validation rows; writes model, metrics, loss curve."""
     section = params.base_model
     tokenizer = load_tokenizer(tokenizer_dir)
     ids = special_ids(tokenizer)
-    model = load_base_model(params.base.model, section.tiny, tokenizer, params.base.seed)
+    model = load_base_model(params.base.model, section.tiny, tokenizer, params.base.seed, pretrained_dir)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("base model: %s with %.2fM parameters", type(model).__name__, n_params / 1e6)
 

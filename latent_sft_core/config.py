@@ -37,15 +37,28 @@ class DataSourceParams(Strict):
 
 
 class ModelSourceParams(Strict):
-    source: Literal["tiny", "path"] = "tiny"
-    path: str | None = Field(default=None, description="local Hugging Face checkpoint when source is 'path'")
+    """The model CoT-SFT starts from; the import_model stage (``latent_sft_core.model_import``) brings it in."""
+
+    source: Literal["tiny", "path", "gguf", "hub"] = "tiny"
+    path: str | None = Field(default=None, description="local Hugging Face checkpoint folder (source 'path')")
+    gguf_file: str | None = Field(default=None, description="a GGUF file, converted to safetensors (source 'gguf')")
+    repo_id: str | None = Field(default=None, description="a Hugging Face model repository (source 'hub')")
+    revision: str = Field(default="main", description="branch, tag or commit of repo_id; a commit is reproducible")
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
-    def _path_given_for_path_source(self) -> ModelSourceParams:
-        if self.source == "path" and not self.path:
-            raise ValueError("model.path is required when model.source is 'path'")
+    def _location_given_for_its_source(self) -> ModelSourceParams:
+        key = {"path": "path", "gguf": "gguf_file", "hub": "repo_id"}.get(self.source)
+        if key is not None and not getattr(self, key):
+            raise ValueError(f"model.{key} is required when model.source is {self.source!r}")
         return self
+
+    def checkpoint_dir(self, imported_dir: Path | str) -> Path:
+        """The Hugging Face checkpoint of a pretrained source: its own folder ('path'), or ``imported_dir``, where
+        the import_model stage converted ('gguf') or downloaded ('hub') it."""
+        if self.source == "tiny":
+            raise ValueError("base.model.source 'tiny' has no pretrained checkpoint")
+        return Path(self.path) if self.source == "path" else Path(imported_dir)
 
 
 class TextParams(Strict):
@@ -462,7 +475,7 @@ class Params(Strict):
     @model_validator(mode="after")
     def _skip_sft_needs_a_checkpoint(self) -> Params:
         if self.base_model.skip_sft and self.base.model.source == "tiny":
-            raise ValueError("base_model.skip_sft needs base.model.source 'path': a tiny model starts untrained")
+            raise ValueError("base_model.skip_sft needs a pretrained base.model.source: a tiny model starts untrained")
         return self
 
 

@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from latent_sft_core import paths
 from latent_sft_core.config import LoraParams, ModelSourceParams, TinyModelParams
 from latent_sft_core.errors import ArtifactError
 from latent_sft_core.io import atomic_dir
@@ -60,12 +61,14 @@ def load_pretrained_model(path: str | Path, trust_remote_code: bool = False) -> 
     )
 
 
-def load_base_model(source: ModelSourceParams, tiny: TinyModelParams, tokenizer: PreTrainedTokenizerBase, seed: int):
-    """The model CoT-SFT starts from: a config-built tiny Llama, or a local checkpoint fitted to the tokenizer."""
+def load_base_model(source: ModelSourceParams, tiny: TinyModelParams, tokenizer: PreTrainedTokenizerBase, seed: int,
+                    pretrained_dir: Path = paths.PRETRAINED_DIR):
+    """The model CoT-SFT starts from: a config-built tiny Llama, or the pretrained checkpoint (``base.model.path``
+    or the import_model stage's ``pretrained_dir``) fitted to the tokenizer."""
     ids = special_ids(tokenizer)
     if source.source == "tiny":
         return build_tiny_model(tiny, len(tokenizer), ids, seed)
-    model = load_pretrained_model(source.path, source.trust_remote_code)
+    model = load_pretrained_model(source.checkpoint_dir(pretrained_dir), source.trust_remote_code)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         log.info("resizing embeddings %d -> %d for the added special tokens",
                  model.get_input_embeddings().num_embeddings, len(tokenizer))

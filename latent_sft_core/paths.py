@@ -6,6 +6,7 @@ dvc.yaml declares the same paths as deps/outs; tests/pipeline checks that the tw
 from pathlib import Path
 
 RAW_DIR = Path("data/raw")
+PRETRAINED_DIR = Path("models/pretrained")
 TOKENIZER_DIR = Path("artifacts/tokenizer")
 CHUNKED_DIR = Path("data/chunked")
 BASE_MODEL_DIR = Path("models/base")

@@ -21,9 +21,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from jinja2 import TemplateError
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from latent_sft_core import paths
 from latent_sft_core.config import Params, TextParams
 from latent_sft_core.data.schema import read_examples
 from latent_sft_core.errors import ArtifactError
@@ -95,7 +97,12 @@ class TextFormat:
             {"role": "system", "content": self.params.instruction},
             {"role": "user", "content": question},
         ]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as error:  # e.g. a template without a system role raises from inside Jinja
+            raise ArtifactError(f"{tokenizer.name_or_path}: its chat template cannot render the system instruction "
+                                f"and the question (base.text.template 'chat'): {error}; use template 'plain' or "
+                                "a model whose template has a system role") from None
 
     def answer(self, answer: str) -> str:
         return self.params.answer_template.replace("{answer}", answer)
@@ -169,13 +176,17 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
 
 
-def build_tokenizer(params: Params, raw_dir: Path, out_dir: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer stage: train the embedded tokenizer on the train split, or extend a real model's own.
+def build_tokenizer(params: Params, raw_dir: Path, out_dir: Path,
+                    pretrained_dir: Path = paths.PRETRAINED_DIR) -> PreTrainedTokenizerBase:
+    """The tokenizer stage: train the embedded tokenizer on the train split, or extend a real model's own
+    (from its checkpoint: ``base.model.path``, or the import_model stage's ``pretrained_dir``).
 
     The result is saved to ``out_dir`` atomically as a Hugging Face tokenizer.
     """
-    if params.base.model.source == "path":
-        tokenizer = load_model_tokenizer(params.base.model.path, params.base.model.trust_remote_code)
+    if params.base.model.source != "tiny":
+        folder = params.base.model.checkpoint_dir(pretrained_dir)
+        tokenizer = load_model_tokenizer(folder, params.base.model.trust_remote_code)
+        TextFormat(params.base.text).prompt("How many?", tokenizer)  # a template that cannot render fails here
     else:
         text_format = TextFormat(params.base.text)
         train = read_examples(Path(raw_dir) / "train.parquet")

@@ -13,11 +13,13 @@ def main(argv=None) -> None:
     parser = stage_parser("base_model", __doc__)
     parser.add_argument("--raw", type=Path, default=paths.RAW_DIR)
     parser.add_argument("--tokenizer", type=Path, default=paths.TOKENIZER_DIR)
+    parser.add_argument("--pretrained", type=Path, default=paths.PRETRAINED_DIR)
     parser.add_argument("--out", type=Path, default=paths.BASE_MODEL_DIR)
     parser.add_argument("--metrics", type=Path, default=paths.METRICS_DIR / "base_model.json")
     parser.add_argument("--loss-curve", type=Path, default=paths.PLOTS_DIR / "base_model_loss.csv")
     args = parser.parse_args(argv)
-    metrics = train_base_model(load_params(args.params), args.raw, args.tokenizer, args.out, args.metrics, args.loss_curve)
+    metrics = train_base_model(load_params(args.params), args.raw, args.tokenizer, args.out, args.metrics,
+                               args.loss_curve, pretrained_dir=args.pretrained)
     print(f"base model -> {args.out}: {metrics}")
 
 

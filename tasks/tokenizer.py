@@ -12,9 +12,10 @@ from latent_sft_core.text import build_tokenizer
 def main(argv=None) -> None:
     parser = stage_parser("tokenizer", __doc__)
     parser.add_argument("--raw", type=Path, default=paths.RAW_DIR)
+    parser.add_argument("--pretrained", type=Path, default=paths.PRETRAINED_DIR)
     parser.add_argument("--out", type=Path, default=paths.TOKENIZER_DIR)
     args = parser.parse_args(argv)
-    tokenizer = build_tokenizer(load_params(args.params), args.raw, args.out)
+    tokenizer = build_tokenizer(load_params(args.params), args.raw, args.out, args.pretrained)
     print(f"tokenizer: {len(tokenizer)} tokens -> {args.out}")
 
 

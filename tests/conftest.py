@@ -15,23 +15,26 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 def micro_run(tmp_path_factory):
     """Raw data, tokenizer, chunks and a CoT-SFT base model for the micro configuration (built once).
 
-    Returns (root folder, params, base-model metrics); the folder holds raw/, tokenizer/, chunked/, base/.
+    Returns (root folder, params, base-model metrics); the folder holds raw/, pretrained/, tokenizer/, chunked/,
+    base/.
     """
     from latent_sft_core.base_model import train_base_model
     from latent_sft_core.chunking import chunk_dataset
     from latent_sft_core.config import parse_params
     from latent_sft_core.data.prepare import prepare_data
+    from latent_sft_core.model_import import import_model
     from latent_sft_core.text import build_tokenizer
     from tests.support import MICRO_PARAMS
 
     root = tmp_path_factory.mktemp("micro")
     params = parse_params(MICRO_PARAMS)
     prepare_data(params, root / "raw")
-    build_tokenizer(params, root / "raw", root / "tokenizer")
+    import_model(params.base.model, root / "pretrained")
+    build_tokenizer(params, root / "raw", root / "tokenizer", root / "pretrained")
     chunk_dataset(params, root / "raw", root / "tokenizer", root / "chunked", root / "metrics" / "chunk.json")
     metrics = train_base_model(
         params, root / "raw", root / "tokenizer", root / "base", root / "metrics" / "base_model.json",
-        root / "plots" / "loss.csv", scratch_dir=root / "scratch",
+        root / "plots" / "loss.csv", scratch_dir=root / "scratch", pretrained_dir=root / "pretrained",
     )
     return root, params, metrics
 

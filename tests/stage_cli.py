@@ -17,7 +17,7 @@ from tests.support import deep_merge, micro_params_file_content
 
 # input option -> folder of the micro run (tests/conftest.py) that holds what the option names
 MICRO_RUN_FOLDERS = {
-    "raw": "raw", "tokenizer": "tokenizer", "chunked": "chunked", "base": "base", "encoder-stage": "train_encoder",
+    "raw": "raw", "pretrained": "pretrained", "tokenizer": "tokenizer", "chunked": "chunked", "base": "base", "encoder-stage": "train_encoder",
     "decoder-stage": "train_decoder", "joint-stage": "train_joint", "merged": "merged", "soft-labels": "labels",
     "cot-sft": "base", "latent-sft": "latent", "phase1": "merged",
 }
@@ -29,9 +29,10 @@ TRAINING_OUTPUTS = ("out", "metrics", "loss-curve")
 # stage -> (input options, output options), as in tasks/<stage>.py
 STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prepare_data": ((), ("out",)),
-    "tokenizer": (("raw",), ("out",)),
+    "import_model": ((), ("out",)),
+    "tokenizer": (("raw", "pretrained"), ("out",)),
     "chunk": (("raw", "tokenizer"), ("out", "metrics")),
-    "base_model": (("raw", "tokenizer"), TRAINING_OUTPUTS),
+    "base_model": (("raw", "tokenizer", "pretrained"), TRAINING_OUTPUTS),
     "train_encoder": (("base", "chunked"), TRAINING_OUTPUTS),
     "train_decoder": (("base", "chunked", "encoder-stage"), TRAINING_OUTPUTS),
     "train_joint": (("base", "chunked", "encoder-stage", "decoder-stage"), TRAINING_OUTPUTS),

@@ -205,3 +205,57 @@ def flow_run_record(flow_run_id) -> FlowRunRecord:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     return FlowRunRecord(sorted(task_runs, key=lambda task_run: task_run.start_time), logs, artifacts)
+
+
+# GPT-2-style tokenizers take <|endoftext|> as their unknown token (SmolLM2's vocabulary has it at id 0); a
+# vocabulary without it gains one on loading
+TINY_GGUF_TOKENS = ["<s>", "</s>", "<|endoftext|>", *"abcdefghijklmnopqrstuvwxyz0123456789", " ", "ab", "=", "+"]
+# A chat template with a system role, in the ChatML-like shape of SmolLM2's
+TINY_GGUF_CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                           "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def write_tiny_gguf(path: Path, architecture: str = "llama", seed: int = 0, hidden: int = 16) -> Path:
+    """A one-layer model of ``architecture`` as a float32 GGUF file (14 KB) with a BPE tokenizer and a chat
+    template: what llama.cpp's converter writes for a Llama, at toy size."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    ffn, heads, vocab = 2 * hidden, 2, len(TINY_GGUF_TOKENS)
+    writer.add_name("tiny test model")
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(TINY_GGUF_TOKENS)
+    writer.add_token_types([3, 3, 3] + [1] * (vocab - 3))  # 3: control tokens
+    writer.add_token_merges(["a b"])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(2)
+    writer.add_chat_template(TINY_GGUF_CHAT_TEMPLATE)
+    rng = np.random.default_rng(seed)
+
+    def weight(name: str, *shape: int) -> None:
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
+
+    weight("token_embd.weight", vocab, hidden)
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for name, shape in [("attn_q", (hidden, hidden)), ("attn_k", (hidden, hidden)), ("attn_v", (hidden, hidden)),
+                        ("attn_output", (hidden, hidden)), ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)),
+                        ("ffn_down", (hidden, ffn))]:
+        weight(f"blk.0.{name}.weight", *shape)
+    for name in ("attn_norm", "ffn_norm"):
+        writer.add_tensor(f"blk.0.{name}.weight", np.ones(hidden, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -25,9 +25,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from latent_sft_core.config import ModelSourceParams
 from latent_sft_core.data.synthetic import SPLITS as SYNTHETIC_SPLITS
+from latent_sft_core.model_import import import_model
 from tests.stage_cli import STAGES, stage_command
-from tests.support import REPO_ROOT, deep_merge, micro_params_file_content, subprocess_environment
+from tests.support import REPO_ROOT, deep_merge, micro_params_file_content, subprocess_environment, write_tiny_gguf
 
 pytestmark = pytest.mark.reliability
 
@@ -69,6 +71,34 @@ def jsonl_train_file(content: str) -> Callable[[Path, Path], Broken]:
         (case / "train.jsonl").write_text(content, encoding="utf-8")
         files = {"train": str(case / "train.jsonl")}
         return Broken(params={"base": {"data": {"source": "jsonl"}}, "prepare_data": {"jsonl": {"files": files}}})
+
+    return breaks
+
+
+def gguf_model(write: Callable[[Path], Path]) -> Callable[[Path, Path], Broken]:
+    """base.model: the GGUF file that ``write`` makes in the case's inputs folder."""
+
+    def breaks(case: Path, _: Path) -> Broken:
+        folder = case / "inputs"
+        folder.mkdir(exist_ok=True)
+        return Broken(params={"base": {"model": {"source": "gguf", "gguf_file": str(write(folder))}}})
+
+    return breaks
+
+
+def checkpoint_model(remove_files: tuple[str, ...] = (), chat_template: str | None = None,
+                     text: dict | None = None) -> Callable[[Path, Path], Broken]:
+    """base.model: a local checkpoint (the tiny GGUF converted) without ``remove_files``, with ``chat_template``."""
+
+    def breaks(case: Path, _: Path) -> Broken:
+        checkpoint = case / "inputs" / "checkpoint"
+        import_model(ModelSourceParams(source="gguf", gguf_file=str(write_tiny_gguf(case / "tiny.gguf"))), checkpoint)
+        for name in remove_files:
+            (checkpoint / name).unlink()
+        if chat_template is not None:
+            (checkpoint / "chat_template.jinja").write_text(chat_template)
+        model = {"source": "path", "path": str(checkpoint)}
+        return Broken(params={"base": {"model": model, **({"text": text} if text else {})}})
 
     return breaks
 
@@ -197,6 +227,21 @@ CASES = [
     Case("jsonl invalid JSON", "prepare_data", r"train\.jsonl:2: invalid JSON",
          jsonl_train_file(GOOD_JSONL + '{"question": "Q",\n')),
     Case("jsonl empty file", "prepare_data", r"train\.jsonl: file has no rows", jsonl_train_file("\n")),
+    # the pretrained model (import_model, and the tokenizer stage that renders its chat template)
+    Case("gguf file missing", "import_model", r"nowhere\.gguf: no such GGUF file \(base\.model\.gguf_file\)",
+         params_change({"base": {"model": {"source": "gguf", "gguf_file": "/nonexistent/nowhere.gguf"}}})),
+    Case("gguf file truncated", "import_model", r"cut\.gguf: cannot read it as GGUF, truncated or corrupt",
+         gguf_model(lambda folder: folder.joinpath("cut.gguf").write_bytes(
+             write_tiny_gguf(folder / "whole.gguf").read_bytes()[:10_000]) and folder / "cut.gguf")),
+    Case("gguf of an unsupported architecture", "import_model", r"rwkv\.gguf: architecture 'rwkv99' is not one",
+         gguf_model(lambda folder: write_tiny_gguf(folder / "rwkv.gguf", architecture="rwkv99"))),
+    Case("checkpoint without a tokenizer", "import_model", r"checkpoint: no tokenizer",
+         checkpoint_model(remove_files=("tokenizer.json", "tokenizer_config.json"))),
+    Case("chat template without a system role", "tokenizer", r"checkpoint: its chat template cannot render the "
+         r"system instruction.*System role not supported",
+         checkpoint_model(chat_template="{% if messages[0]['role'] == 'system' %}"
+                                        "{{ raise_exception('System role not supported') }}{% endif %}",
+                          text={"template": "chat"})),
     # the params file
     Case("params unknown key", "chunk", r"params\.yaml: invalid parameters\n  base\.compresion_rate: unknown key",
          params_change({"base": {"compresion_rate": 2}})),

@@ -1,7 +1,9 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
-from latent_sft_core.config import Params, ParamsError, load_params, parse_params
+from latent_sft_core.config import ModelSourceParams, Params, ParamsError, load_params, parse_params
 from tests.support import MICRO_PARAMS, REPO_ROOT
 
 pytestmark = pytest.mark.unit
@@ -58,9 +60,12 @@ def test_bad_choice_lists_allowed_values():
         ({"prepare_data": {"synthetic": {"hard_max_factor": 9}}}, "hard_max_factor must be > min(9, max_operand)"),
         ({"base_model": {"tiny": {"hidden_size": 30, "num_heads": 4}}}, "divisible"),
         ({"base": {"model": {"source": "path"}}}, "model.path is required"),
+        ({"base": {"model": {"source": "gguf", "path": "/models/x"}}}, "model.gguf_file is required"),
+        ({"base": {"model": {"source": "hub"}}}, "model.repo_id is required"),
+        ({"base": {"model": {"source": "ollama"}}}, "base.model.source"),
         ({"base": {"text": {"answer_template": "no slot"}}}, "{answer}"),
         ({"prepare_data": {"on_bad_row": "ignore"}}, "prepare_data.on_bad_row"),
-        ({"base_model": {"skip_sft": True}}, "skip_sft needs base.model.source 'path'"),
+        ({"base_model": {"skip_sft": True}}, "skip_sft needs a pretrained base.model.source"),
         ({"latent": {"kind": "hidden_state"}, "evaluate": {"decoding": {"gumbel": {"enabled": True}}}},
          "evaluate.decoding.gumbel: Gumbel noise perturbs alpha"),
         ({"evaluate": {"ecr_k": [1, 200]}}, "ecr_k values must be in 1..analysis_top_k (100)"),
@@ -99,3 +104,12 @@ def test_params_file_spells_out_the_schema_defaults():
     assert load_params(REPO_ROOT / "params.yaml") == Params()
     on_disk = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     assert on_disk == Params().model_dump(mode="json")
+
+
+def test_the_checkpoint_of_each_pretrained_source():
+    imported = Path("models/pretrained")
+    assert ModelSourceParams(source="path", path="/m/llama").checkpoint_dir(imported) == Path("/m/llama")
+    assert ModelSourceParams(source="gguf", gguf_file="/m/x.gguf").checkpoint_dir(imported) == imported
+    assert ModelSourceParams(source="hub", repo_id="o/n").checkpoint_dir(imported) == imported
+    with pytest.raises(ValueError, match="'tiny' has no pretrained checkpoint"):
+        ModelSourceParams().checkpoint_dir(imported)
