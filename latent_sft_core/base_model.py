@@ -13,15 +13,17 @@ from latent_sft_core import paths
 from latent_sft_core.chunking import ChunkedRow, chunk_examples
 from latent_sft_core.config import DecodingParams, Params
 from latent_sft_core.data.schema import read_examples
+from latent_sft_core.errors import loud_warning
 from latent_sft_core.inference import decode
 from latent_sft_core.io import atomic_outputs, write_json
 from latent_sft_core.layout import cot_sft_sequence
 from latent_sft_core.modeling import load_base_model, save_model
 from latent_sft_core.scoring import answer_text, pass_at_1
-from latent_sft_core.text import TextFormat, load_tokenizer, special_ids, tokenizer_fingerprint
+from latent_sft_core.text import TextFormat, load_tokenizer, pipeline_token_ids, special_ids, tokenizer_fingerprint
 from latent_sft_core.training import (
     SCRATCH_ROOT,
     CausalLMCollator,
+    EmbeddingRowsLearningRate,
     SequenceDataset,
     check_sequence_lengths,
     file_digest,
@@ -58,6 +60,9 @@ def train_base_model(
     n_params = sum(p.numel() for p in model.parameters())
     log.info("base model: %s with %.2fM parameters", type(model).__name__, n_params / 1e6)
 
+    # the rows of the tokens added to a pretrained vocabulary start from the mean embedding: say how far they moved
+    added_ids = pipeline_token_ids(tokenizer) if params.base.model.source != "tiny" else []
+    added_before = model.get_input_embeddings().weight.detach()[added_ids].clone()
     result = None
     if not section.skip_sft:
         train_file = Path(raw_dir) / "train.parquet"
@@ -71,12 +76,18 @@ def train_base_model(
             train=file_digest(train_file),
             tokenizer=tokenizer_fingerprint(tokenizer),
         )
+        faster_rows = [EmbeddingRowsLearningRate(model, added_ids, section.new_token_lr / section.train.lr)
+                       ] if added_ids and section.new_token_lr is not None else []
         result = run_training(
             model, SequenceDataset(sequences), CausalLMCollator(ids.pad), section.train, scratch_dir,
-            params.base.seed, fingerprint,
+            params.base.seed, fingerprint, callbacks=faster_rows,
         )
 
     metrics = {"parameters": n_params, **validation_metrics(params, raw_dir, tokenizer, model)}
+    if added_ids:
+        moved = (model.get_input_embeddings().weight.detach()[added_ids] - added_before).norm(dim=-1)
+        metrics["added_token_rows_moved"] = {
+            token: round(float(distance), 6) for token, distance in zip(tokenizer.convert_ids_to_tokens(added_ids), moved)}
     if result is not None:
         metrics |= result.summary()
     with atomic_outputs() as outputs:
@@ -101,4 +112,11 @@ def validation_metrics(params: Params, raw_dir: Path, tokenizer, model) -> dict:
     decoding = DecodingParams(batch_size=section.eval_batch_size, max_new_tokens=section.max_new_tokens)
     decoded = decode(model, [row.prompt_ids for row in rows], special_ids(tokenizer), decoding, latent=None)
     predictions = [answer_text(d, tokenizer) for d in decoded]
-    return {"val_rows": len(rows), "val_pass@1": round(pass_at_1(predictions, [row.answer for row in rows]), 4)}
+    closed_rate = sum(d.closed for d in decoded) / len(decoded)
+    if closed_rate == 0:
+        loud_warning(log, f"base_model: none of {len(rows)} validation answers closed the reasoning with </think> "
+                     f"within base_model.max_new_tokens={section.max_new_tokens}: val_pass@1 is 0 because nothing "
+                     "was scored. The </think> row has not been learnt: train longer, or raise base_model.new_token_lr "
+                     "(a pretrained model's added tokens start from the mean embedding).")
+    return {"val_rows": len(rows), "val_pass@1": round(pass_at_1(predictions, [row.answer for row in rows]), 4),
+            "val_closed_rate": round(closed_rate, 4)}

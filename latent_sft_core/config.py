@@ -232,6 +232,9 @@ class BaseModelParams(Strict):
     )
     tiny: TinyModelParams = TinyModelParams()
     train: TrainParams = TrainParams(epochs=1.0, lr=3e-3, logging_steps=50)
+    new_token_lr: float | None = Field(
+        default=None, gt=0, description="learning rate of the rows of the tokens added to a pretrained model's "
+        "vocabulary (<think>, </think>, <|latent|>, a pad); null: train.lr (a tiny model's rows are all new)")
     eval_rows: int = Field(default=300, ge=0, description="validation rows decoded for the stage's metric")
     eval_batch_size: int = Field(default=64, ge=1)
     max_new_tokens: int = Field(default=96, ge=1)

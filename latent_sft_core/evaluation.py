@@ -39,7 +39,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from latent_sft_core.analysis import ecr_at_k, path_posterior
 from latent_sft_core.chunking import ChunkedRow, read_chunked
 from latent_sft_core.config import ModelName, Params, check_top_k
-from latent_sft_core.errors import ArtifactError
+from latent_sft_core.errors import ArtifactError, loud_warning
 from latent_sft_core.inference import Decoded, LatentMode, decode
 from latent_sft_core.io import atomic_outputs, write_json
 from latent_sft_core.modeling import load_model, load_pretrained_model
@@ -221,6 +221,23 @@ def split_metrics(run: SplitRun, params: Params) -> dict[str, float]:
     return metrics
 
 
+def decoding_warnings(results: dict[str, dict[str, dict[str, float]]], params: Params) -> list[str]:
+    """What makes a model's Pass@1 on a split meaningless: no answer closed (nothing was scored), or a latent
+    model that never chose ``</think>`` itself (every question stopped at the latent-step cap)."""
+    warnings = []
+    for model, splits in results.items():
+        for split, metrics in splits.items():
+            if metrics["rows"] and metrics["closed_rate"] == 0:
+                warnings.append(f"{model} on {split}: none of {metrics['rows']} answers closed the reasoning with "
+                                "</think>, so Pass@1 is 0 because nothing was scored (evaluate.decoding.max_new_tokens="
+                                f"{params.evaluate.decoding.max_new_tokens}; has base_model learnt the </think> row?)")
+            elif metrics["rows"] and metrics.get("capped_rate") == 1:
+                warnings.append(f"{model} on {split}: every question reached the latent-step cap "
+                                f"(evaluate.decoding.max_latent_steps={params.evaluate.decoding.max_latent_steps}): "
+                                "the model never chose </think> after its latents, the cap closed them all")
+    return warnings
+
+
 def prediction_records(run: SplitRun, tokenizer: PreTrainedTokenizerBase, shown: int) -> list[dict]:
     records = []
     for row, decoded, prediction, correct in zip(run.rows, run.decoded, run.predictions, run.correct):
@@ -372,7 +389,13 @@ def evaluate(
                 ecr_curve = [{"k": k, "ecr": results[name][split][f"ecr@{k}"]} for k in section.ecr_k]
                 heatmap = heatmap_records(run, tokenizer, section.heatmap_questions, section.heatmap_tokens)
             log.info("evaluate: %s on %s: %s", name, split, results[name][split])
-    write_outputs(outputs, results, markdown_report(results, params), records, ecr_curve, heatmap)
+    warnings = decoding_warnings(results, params)
+    for warning in warnings:
+        loud_warning(log, f"evaluate: {warning}")
+    report = markdown_report(results, params)
+    if warnings:
+        report += "\n## Warnings\n\n" + "\n".join(f"- {warning}" for warning in warnings) + "\n"
+    write_outputs(outputs, results, report, records, ecr_curve, heatmap)
     return results
 
 

@@ -45,7 +45,7 @@ from torch import nn
 
 from latent_sft_core.chunking import ChunkedRow
 from latent_sft_core.config import CollapseGuardParams, Params
-from latent_sft_core.errors import PipelineError
+from latent_sft_core.errors import PipelineError, loud_warning
 from latent_sft_core.phase1_model import encode_rows
 from latent_sft_core.soft_embedding import SparseAlpha
 from latent_sft_core.text import SpecialIds
@@ -124,13 +124,12 @@ def report_health(where: str, health: dict, guard: CollapseGuardParams) -> None:
     if not health.get("collapsed"):
         log.info("%s: latents look healthy: %s", where, health)
         return
-    banner = "=" * 100
     message = (f"{where}: THE LATENTS HAVE COLLAPSED: " + "; ".join(health["collapse_reasons"])
                + ". Latent-SFT results from these latents measure extra forward passes, not a superposition "
                "(see latent_sft_core/latent_health.py for the statistics and what to change).")
     if guard.on_collapse == "error":
         raise LatentCollapseError(message)
-    log.warning("\n%s\n%s\n%s", banner, message, banner)
+    loud_warning(log, message)
 
 
 def measure_encoder_health(

@@ -150,6 +150,13 @@ def extend_model_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedToke
     return tokenizer
 
 
+def pipeline_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids of the tokens ``extend_model_tokenizer`` adds to a real model's vocabulary (their embedding rows start
+    untrained): the method tokens, and the pad where the model had none."""
+    ids = special_ids(tokenizer)
+    return [ids.think_open, ids.think_close, ids.latent, *([ids.pad] if tokenizer.pad_token == EMBEDDED_PAD else [])]
+
+
 def load_model_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """A real model's own tokenizer from a local folder (never from the network)."""
     try:

@@ -218,6 +218,33 @@ class TrainableStateTrainer(ComponentLoggingTrainer):
         self._load_trainable(self.state.best_model_checkpoint)
 
 
+class EmbeddingRowsLearningRate(TrainerCallback):
+    """Trains some rows of the token embeddings (and of an untied output embedding) at ``factor`` times the
+    learning rate of the rest of the model.
+
+    Adam's step does not grow with the gradient, so scaling the rows' gradient would change nothing: the
+    callback scales the rows' update instead, after each optimizer step (weight decay included, as a larger
+    learning rate would). Used for the tokens the pipeline adds to a pretrained vocabulary, whose rows start
+    from the mean embedding and must be learnt in a few hundred steps.
+    """
+
+    def __init__(self, model: PreTrainedModel, row_ids: Sequence[int], factor: float) -> None:
+        output = model.get_output_embeddings()
+        matrices = [model.get_input_embeddings().weight, *([output.weight] if output is not None else [])]
+        self.matrices = list({id(matrix): matrix for matrix in matrices}.values())  # one, when tied
+        self.rows = torch.tensor(sorted(set(row_ids)), dtype=torch.long)
+        self.factor = factor
+        self.before: list[torch.Tensor] = []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs) -> None:
+        self.before = [matrix.detach()[self.rows].clone() for matrix in self.matrices]
+
+    def on_optimizer_step(self, args, state, control, **kwargs) -> None:
+        with torch.no_grad():
+            for matrix, before in zip(self.matrices, self.before):
+                matrix[self.rows] = before + self.factor * (matrix[self.rows] - before)
+
+
 @dataclass
 class TrainResult:
     log_history: list[dict]

@@ -54,6 +54,8 @@ def test_base_model_loss_goes_down_and_checkpoint_loads(micro_run):
     assert len(losses) >= 3
     assert losses[-1] < losses[0] * 0.8
     assert metrics["steps"] == 24 and 0.0 <= metrics["val_pass@1"] <= 1.0 and metrics["val_rows"] == 8
+    assert 0.0 <= metrics["val_closed_rate"] <= 1.0
+    assert "added_token_rows_moved" not in metrics  # a tiny model's rows are all new
     assert json.loads((root / "metrics" / "base_model.json").read_text()) == metrics
     assert (root / "base" / "model.safetensors").is_file()
     assert not list((root / "base").glob("*.bin"))
@@ -118,3 +120,19 @@ def test_no_cot_baseline_answers_without_a_chain(micro_run, tmp_path):
         chain_lengths[name] = [d.num_reasoning_tokens for d in decoded]
     assert all(length == 0 for length in chain_lengths["none"])
     assert all(length > 0 for length in chain_lengths["cot"])
+
+
+def test_validation_that_never_closes_the_reasoning_is_a_loud_warning(micro_run, monkeypatch, caplog):
+    from latent_sft_core import base_model
+    from latent_sft_core.inference import Decoded
+
+    root, params, _ = micro_run
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "base"))
+    model = AutoModelForCausalLM.from_pretrained(str(root / "base"))
+    never_closed = lambda model, prompts, *args, **kwargs: [Decoded([7] * 48, [], closed=False) for _ in prompts]  # noqa: E731
+    monkeypatch.setattr(base_model, "decode", never_closed)
+    with caplog.at_level("WARNING"):
+        metrics = base_model.validation_metrics(params, root / "raw", tokenizer, model)
+    assert metrics == {"val_rows": 8, "val_pass@1": 0.0, "val_closed_rate": 0.0}
+    assert "none of 8 validation answers closed the reasoning with </think>" in caplog.text
+    assert "base_model.new_token_lr" in caplog.text

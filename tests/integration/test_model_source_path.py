@@ -91,3 +91,20 @@ def test_folder_without_weights_is_refused(tmp_path):
     with pytest.raises(ArtifactError, match="no config.json"):
         load_pretrained_model(tmp_path / "elsewhere")
 
+
+
+def test_added_token_rows_learn_at_their_own_rate(local_checkpoint, tmp_path):
+    folder, _ = local_checkpoint
+    moved = {}
+    for name, new_token_lr in (("train.lr", None), ("10 x train.lr", 0.03)):
+        params = params_for(folder, eval_rows=0, new_token_lr=new_token_lr)
+        work = tmp_path / name
+        prepare_data(params, work / "raw")
+        build_tokenizer(params, work / "raw", work / "tokenizer")
+        metrics = train_base_model(params, work / "raw", work / "tokenizer", work / "base", work / "m.json",
+                                   work / "loss.csv", scratch_dir=work / "scratch")
+        moved[name] = metrics["added_token_rows_moved"]
+    assert set(moved["train.lr"]) == {"<think>", "</think>", "<|latent|>", "<|pad|>"}
+    for token in ("<think>", "</think>"):  # in every training sequence; the other two never are
+        assert moved["train.lr"][token] > 0
+        assert moved["10 x train.lr"][token] > 5 * moved["train.lr"][token]
