@@ -16,6 +16,8 @@ def main(argv=None) -> None:
     parser.add_argument("--latent-sft", type=Path, default=paths.LATENT_MODEL_DIR, help="the stage-2 model")
     parser.add_argument("--phase1", type=Path, default=paths.STAGE1_MERGED_DIR,
                         help="the merged phase-1 models (teacher latents, phase-1 ceiling)")
+    parser.add_argument("--no-phase1", action="store_true",
+                        help="no phase-1 models (a model trained elsewhere): Pass@1 and #L without the diagnostics")
     parser.add_argument("--metrics", type=Path, default=paths.METRICS_DIR / "evaluate.json")
     parser.add_argument("--report", type=Path, default=paths.METRICS_DIR / "report.md")
     parser.add_argument("--predictions", type=Path, default=paths.RESULTS_DIR / "predictions.parquet")
@@ -24,7 +26,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     outputs = EvaluationOutputs(args.metrics, args.report, args.predictions, args.ecr_plot, args.heatmap_plot)
     evaluate(load_params(args.params), args.chunked, {"cot_sft": args.cot_sft, "latent_sft": args.latent_sft}, outputs,
-             phase1_dir=args.phase1)
+             phase1_dir=None if args.no_phase1 else args.phase1)
     print(outputs.report.read_text(encoding="utf-8"))
 
 

@@ -12,6 +12,7 @@ Order of operations: read every split -> reject bad rows (``on_bad_row``) -> mov
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from latent_sft_core.data.schema import Example, write_examples
 from latent_sft_core.data.synthetic import generate_synthetic
 from latent_sft_core.errors import DataError
 from latent_sft_core.io import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.json"
 HUB_DOWNLOAD_DIR = "hub"
@@ -131,7 +134,7 @@ def _read_source(params: Params, work_dir: Path) -> tuple[dict[str, ReadResult],
         )
     if source == "hub":
         hub = settings.hub
-        _require_train(hub, "hub")
+        _require_files(hub, "hub")
         reads: dict[str, ReadResult] = {}
         labels: dict[str, str | None] = {}
         for split, path in download_hub_files(hub, work_dir / HUB_DOWNLOAD_DIR).items():
@@ -142,7 +145,7 @@ def _read_source(params: Params, work_dir: Path) -> tuple[dict[str, ReadResult],
             reads[split] = result
         return reads, labels
     section: FileSourceParams = getattr(settings, source)
-    _require_train(section, source)
+    _require_files(section, source)
     # paths are relative to the working directory: the repository root when DVC runs the stage
     reads = {
         split: read_file(source, Path(path), split, section.fields_for(split)) for split, path in section.files.items()
@@ -150,9 +153,14 @@ def _read_source(params: Params, work_dir: Path) -> tuple[dict[str, ReadResult],
     return reads, dict(section.files)
 
 
-def _require_train(section: FileSourceParams, name: str) -> None:
+def _require_files(section: FileSourceParams, name: str) -> None:
+    if not section.files:
+        raise DataError(f"prepare_data.{name}.files names no file: give one per split, e.g. "
+                        "{train: data/train.jsonl, test: data/test.jsonl}")
     if "train" not in section.files:
-        raise DataError(f"prepare_data.{name}.files must name a 'train' file (got: {sorted(section.files) or 'none'})")
+        # an evaluation-only data set: chunk and evaluate run on it; the training stages say what is missing
+        log.warning("prepare_data.%s.files has no 'train' file: this data set can only be evaluated "
+                    "(prepare_data, chunk with the model's tokenizer, evaluate)", name)
 
 
 def _move_train_to_val(splits: dict[str, list[Example]], reports: dict[str, SplitReport], count: int) -> None:
@@ -164,6 +172,8 @@ def _move_train_to_val(splits: dict[str, list[Example]], reports: dict[str, Spli
             f"prepare_data.val_from_train is {count} but split 'val' already has {len(splits['val'])} rows; "
             "set val_from_train to 0 or drop the val split"
         )
+    if "train" not in splits:
+        raise DataError(f"prepare_data.val_from_train is {count} but there is no train split to move rows from")
     train = splits["train"]
     if count >= len(train):
         raise DataError(f"prepare_data.val_from_train ({count}) must be less than the {len(train)} train rows")

@@ -74,6 +74,10 @@ def write_examples(path: Path | str, examples: Iterable[Example]) -> int:
 def read_examples(path: Path | str) -> list[Example]:
     """Read a Parquet file written in ``RAW_SCHEMA``; a DataError names the file when it is not one."""
     path = Path(path)
+    if not path.exists():
+        present = sorted(p.stem for p in path.parent.glob("*.parquet")) if path.parent.is_dir() else []
+        raise DataError(f"{path}: no such split (the folder has: {', '.join(present) or 'none'}); an evaluation-only "
+                        "data set, without a train file, cannot train")
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as error:

@@ -173,11 +173,22 @@ def test_val_from_train_conflicts_with_a_val_split(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
-def test_file_source_without_train_is_an_error(tmp_path: Path) -> None:
+def test_a_file_source_without_train_is_evaluation_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "t.txt").write_text(GOOD_TXT, encoding="utf-8")
     p = params({"gsm8k_aug_txt": {"files": {"test": str(tmp_path / "t.txt")}}}, "gsm8k_aug_txt")
-    with pytest.raises(DataError, match="must name a 'train' file"):
-        prepare_data(p, tmp_path / "o")
+    with caplog.at_level(logging.WARNING):
+        report = prepare_data(p, tmp_path / "o")
+    assert list(report.splits) == ["test"] and sorted(path.name for path in (tmp_path / "o").glob("*.parquet")) == [
+        "test.parquet"]
+    assert "has no 'train' file: this data set can only be evaluated" in caplog.text
+    with pytest.raises(DataError, match=r"o/train\.parquet: no such split \(the folder has: test\)"):
+        read_examples(tmp_path / "o" / "train.parquet")
+    no_train_to_move = params({"val_from_train": 1, "gsm8k_aug_txt": {"files": {"test": str(tmp_path / "t.txt")}}},
+                              "gsm8k_aug_txt")
+    with pytest.raises(DataError, match="val_from_train is 1 but there is no train split"):
+        prepare_data(no_train_to_move, tmp_path / "o2")
+    with pytest.raises(DataError, match="prepare_data.jsonl.files names no file"):
+        prepare_data(params({}, "jsonl"), tmp_path / "o3")
 
 
 def test_stage_cli_runs_and_reports_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
