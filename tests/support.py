@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latent_sft_core.chunking import ChunkedRow, chunk_bounds
-from latent_sft_core.config import DEFAULT_LORA_TARGETS, ENCODER_LORA
+from latent_sft_core.config import DEFAULT_LORA_TARGETS, ENCODER_LORA, deep_merge
 from latent_sft_core.text import SpecialIds
 
 LORA_TARGETS = {"encoder": ENCODER_LORA.targets, "decoder": DEFAULT_LORA_TARGETS}
@@ -53,14 +53,6 @@ MICRO_PARAMS: dict = {
     "evaluate": {"decoding": {"max_latent_steps": 8, "max_new_tokens": 40}, "ecr_k": [1, 2, 5, 10, 20],
                  "analysis_top_k": 20},
 }
-
-
-def deep_merge(base: dict, overrides: dict) -> dict:
-    """``base`` with ``overrides`` applied key by key (nested mappings merged, other values replaced)."""
-    merged = dict(base)
-    for key, value in overrides.items():
-        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
 
 
 def micro_params_file_content() -> dict:
