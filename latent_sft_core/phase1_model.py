@@ -17,6 +17,7 @@ assignment over the whole batch (no per-sample loop).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -26,11 +27,14 @@ from transformers import PreTrainedModel
 
 from latent_sft_core.chunking import ChunkedRow
 from latent_sft_core.config import LatentParams
+from latent_sft_core.errors import loud_warning
 from latent_sft_core.layout import TokenSequence, decoder_sequence, encoder_sequence, labels_from_roles, pad_sequences
 from latent_sft_core.losses import alpha_marginal_entropy, supervision_loss
 from latent_sft_core.masks import Role, attention_bias, decoder_mask, encoder_mask
 from latent_sft_core.soft_embedding import SparseAlpha, alpha_from_logits, mix_embeddings, vocabulary_logits
 from latent_sft_core.text import SpecialIds
+
+log = logging.getLogger(__name__)
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -38,6 +42,20 @@ def backbone(model: nn.Module) -> nn.Module:
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return getattr(model, model.base_model_prefix)
+
+
+def warn_on_untied_input_projection(model: PreTrainedModel, latent: LatentParams, model_dir: object) -> bool:
+    """Warn (and return True) when alpha would come from the input embeddings of a model whose output embeddings
+    are a different matrix: then only ``lm_head`` is a readout the model was trained with (see soft_embedding)."""
+    output = model.get_output_embeddings()
+    untied = output is not None and output.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    if not (untied and latent.kind == "soft_embedding" and latent.projection == "input_embeddings"):
+        return False
+    loud_warning(log, f"{model_dir}: the model's input and output embeddings are not tied, and latent.projection is "
+                 "'input_embeddings' (E h, the reference code's): alpha then comes from a readout the model was never "
+                 "trained with, while stage 2 trains the student's LM head W towards it. For an untied model set "
+                 "latent.projection: lm_head (W h, the paper's notation).")
+    return True
 
 
 def output_projection(decoder: nn.Module, latent: LatentParams) -> torch.Tensor:

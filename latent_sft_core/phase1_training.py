@@ -28,7 +28,7 @@ from latent_sft_core.errors import ArtifactError, DataError
 from latent_sft_core.io import atomic_dir, atomic_outputs, write_json
 from latent_sft_core.latent_health import measure_encoder_health, report_health
 from latent_sft_core.modeling import frozen, load_pretrained_model, merged, save_model, with_lora
-from latent_sft_core.phase1_model import Stage1Collator, Stage1Model, stage1_example
+from latent_sft_core.phase1_model import Stage1Collator, Stage1Model, stage1_example, warn_on_untied_input_projection
 from latent_sft_core.text import SpecialIds, load_tokenizer, special_ids, tokenizer_fingerprint
 from latent_sft_core.training import (
     SCRATCH_ROOT,
@@ -98,6 +98,7 @@ def stage1_models(params: Params, stage: Stage1Name, inputs: Stage1Inputs) -> tu
     section = getattr(params, stage)
     encoder = load_pretrained_model(inputs.base_dir)
     decoder = load_pretrained_model(inputs.base_dir)
+    warn_on_untied_input_projection(decoder, params.latent, inputs.base_dir)
     if stage in ("train_decoder", "train_joint"):
         encoder = merged(encoder, _required(inputs.encoder_stage_dir, stage) / ENCODER)
     if stage == "train_joint":

@@ -61,6 +61,7 @@ def test_the_qwen_preset_carries_the_reference_v2_math_settings():
     assert (latent.lr, latent.epochs, latent.batch_size * latent.grad_accum) == (2e-5, 50, 256)
     assert params.train_latent.gumbel.enabled and params.train_latent.deepspeed.bf16
     assert params.evaluate.decoding.max_new_tokens == 4096
+    assert params.latent.projection == "lm_head"  # untied embeddings
 
 
 def test_the_cpu_preset_runs_smollm2_from_its_gguf_on_the_synthetic_data():
