@@ -11,7 +11,7 @@ from latent_sft_core import paths
 from latent_sft_core.model_import import MANIFEST_NAME
 from tests.support import dvc, micro_project, write_tiny_gguf
 
-pytestmark = [pytest.mark.pipeline, pytest.mark.slow]  # a DVC project built three times: minutes
+pytestmark = [pytest.mark.pipeline, pytest.mark.slow]  # three dvc repro runs: about a minute
 
 
 def ran_stages(output: str) -> set[str]:
