@@ -76,8 +76,8 @@ def read_examples(path: Path | str) -> list[Example]:
     path = Path(path)
     if not path.exists():
         present = sorted(p.stem for p in path.parent.glob("*.parquet")) if path.parent.is_dir() else []
-        raise DataError(f"{path}: no such split (the folder has: {', '.join(present) or 'none'}); an evaluation-only "
-                        "data set, without a train file, cannot train")
+        why = "; a data set without a train file can only be evaluated" if path.stem == "train" else ""
+        raise DataError(f"{path}: no such split (the folder has: {', '.join(present) or 'none'}){why}")
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as error:

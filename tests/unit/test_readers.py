@@ -230,5 +230,7 @@ def test_read_examples_rejects_non_parquet_and_wrong_columns(tmp_path: Path) -> 
     pq.write_table(pa.table({"id": ["a"], "question": ["q"]}), wrong)
     with pytest.raises(DataError, match="wrong.parquet: columns do not match the raw schema"):
         read_examples(wrong)
-    with pytest.raises(DataError, match="missing.parquet: not a readable Parquet file"):
+    with pytest.raises(DataError, match=r"missing\.parquet: no such split \(the folder has: wrong, x\)$"):
         read_examples(tmp_path / "missing.parquet")
+    with pytest.raises(DataError, match=r"train\.parquet: no such split .*can only be evaluated"):
+        read_examples(tmp_path / "train.parquet")
