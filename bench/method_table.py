@@ -156,6 +156,18 @@ def run_once(row: str, seed: int, overrides: list[str], params_path: Path) -> Ru
     return run_experiment(f"{row} seed{seed}", [*overrides, f"base.seed={seed}"])
 
 
+def restamp(results_dir: Path, fingerprints: dict[str, str], reason: str) -> None:
+    """Give every kept run made with another fingerprint the current one, recording the old one and ``reason``."""
+    for (row, seed), result in load_results(results_dir, list(fingerprints)).items():
+        if result["fingerprint"] == fingerprints[row]:
+            continue
+        record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "fingerprint": result["fingerprint"],
+                  "reason": reason}
+        write_json(result_path(results_dir, row, seed), {
+            **result, "fingerprint": fingerprints[row], "restamped": [*result.get("restamped", []), record]})
+        print(f"{row} seed {seed}: re-stamped ({reason})", flush=True)
+
+
 def elapsed_minutes(since: float) -> float:
     return (time.monotonic() - since) / 60
 
@@ -328,6 +340,12 @@ def section(results: Results, command: str, results_dir: Path, stale: int, keep_
     if stale:
         notes.append(f"{stale} kept runs were made with other params or overrides: "
                      + ("included (`--keep-stale`)." if keep_stale else "left out until rerun."))
+    restamped = [(row, seed, record["reason"]) for (row, seed), result in sorted(results.items())
+                 for record in result.get("restamped", [])]
+    for reason in dict.fromkeys(reason for _, _, reason in restamped):
+        runs = [f"{row} seed {seed}" for row, seed, why in restamped if why == reason]
+        notes.append(f"Kept across a params change that does not affect them (`--restamp`): {', '.join(runs)} "
+                     f"({reason}).")
     if left:
         notes.append(f"Not run yet ({len(left)}): " + ", ".join(f"{row} seed {seed}" for row, seed in left) + ".")
     return f"""## Results of the method on the embedded benchmark (the paper's Table 1)
@@ -371,6 +389,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="start no run once this many minutes have passed in this sitting")
     parser.add_argument("--keep-stale", action="store_true",
                         help="keep runs made with other params or overrides instead of rerunning them")
+    parser.add_argument("--restamp", metavar="REASON",
+                        help="the params file changed in a way that does not affect the kept runs (e.g. keys only "
+                             "other model sources read): give them the current fingerprint, REASON recorded in each "
+                             "and named under the table")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--benchmarks-md", type=Path, default=BENCHMARKS_MD)
     args = parser.parse_args(argv)
@@ -402,6 +424,8 @@ def main(argv: list[str] | None = None) -> None:
                        path=args.benchmarks_md)
         return left
 
+    if args.restamp:
+        restamp(args.results_dir, fingerprints, args.restamp)
     for row, seed in plan:
         kept = load_results(args.results_dir, [row]).get((row, seed))
         if kept is not None and (args.keep_stale or current(row, kept)):

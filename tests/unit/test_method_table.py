@@ -112,6 +112,26 @@ def test_c_a_run_with_another_fingerprint_is_rerun_unless_kept(bench, capsys):
     assert bench.calls == planned_calls([DEFAULT_ROW], [0])
 
 
+def test_c_restamp_keeps_runs_across_a_params_change_that_does_not_touch_them(bench, capsys):
+    bench.run("--seeds", "0", "--no-nocot", "--variants", "Latent-SFT(2)")
+    before = stored(bench, "Latent-SFT(2)", 0)
+    bench.params.write_text("base:\n  seed: 0\n  model: {gguf_file: null}\n")  # a key only another source reads
+    bench.calls.clear()
+
+    bench.run("--seeds", "0", "--no-nocot", "--variants", "Latent-SFT(2)", "--restamp", "new model-source keys")
+    assert bench.calls == []
+    after = stored(bench, "Latent-SFT(2)", 0)
+    assert after["fingerprint"] == method_table.fingerprint(["base.compression_rate=2"], bench.params.read_text())
+    assert after["restamped"] == [{"date": after["restamped"][0]["date"], "fingerprint": before["fingerprint"],
+                                   "reason": "new model-source keys"}]
+    assert after["metrics"] == before["metrics"] and after["date"] == before["date"]
+    assert "Latent-SFT(2) seed 0: re-stamped (new model-source keys)" in capsys.readouterr().out
+    assert ("Kept across a params change that does not affect them (`--restamp`): Latent-SFT(2) seed 0, "
+            "Latent-SFT(4) seed 0 (new model-source keys).") in bench.md.read_text()
+    bench.run("--seeds", "0", "--no-nocot", "--variants", "Latent-SFT(2)")  # current now: nothing reruns
+    assert bench.calls == []
+
+
 def test_d_no_time_left_starts_nothing_and_writes_the_table_from_kept_runs(bench, capsys):
     bench.run("--seeds", "0", "--no-nocot", "--variants")
     bench.calls.clear()
