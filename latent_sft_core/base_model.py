@@ -15,7 +15,7 @@ from latent_sft_core.config import DecodingParams, Params
 from latent_sft_core.data.schema import read_examples
 from latent_sft_core.errors import loud_warning
 from latent_sft_core.inference import decode
-from latent_sft_core.io import atomic_outputs, write_json
+from latent_sft_core.io import atomic_outputs, file_digest, write_json
 from latent_sft_core.layout import cot_sft_sequence
 from latent_sft_core.modeling import load_base_model, save_model
 from latent_sft_core.scoring import answer_text, pass_at_1
@@ -26,7 +26,6 @@ from latent_sft_core.training import (
     EmbeddingRowsLearningRate,
     SequenceDataset,
     check_sequence_lengths,
-    file_digest,
     finish_scratch,
     run_fingerprint,
     run_training,

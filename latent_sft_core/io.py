@@ -12,6 +12,7 @@ to the same destination.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -112,3 +113,12 @@ def write_json(path: Path | str, data: object) -> None:
     """Write ``data`` as indented, key-sorted JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def file_digest(path: Path | str) -> str:
+    """SHA-256 (hex) of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

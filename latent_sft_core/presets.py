@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from latent_sft_core.config import DEFAULT_PARAMS_PATH, Params, deep_merge, load_params, parse_params
+from latent_sft_core.config import DEFAULT_PARAMS_PATH, Params, deep_merge, parse_params
 from latent_sft_core.errors import ArtifactError, PipelineError
 from latent_sft_core.io import atomic_path
 
@@ -68,7 +68,7 @@ def preset_params(name: str, params_path: Path = DEFAULT_PARAMS_PATH) -> tuple[d
 
     preset = load_preset(name)
     current = yaml.safe_load(Path(params_path).read_text(encoding="utf-8")) or {}
-    load_params(params_path)  # the file itself must be valid first, so an error names the right culprit
+    parse_params(current, params_path)  # the file itself must be valid first, so an error names the right culprit
     try:
         merged = parse_params(deep_merge(current, preset), source=f"{params_path} with preset {name}")
     except PipelineError as error:

@@ -25,7 +25,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from latent_sft_core.config import TrainParams
 from latent_sft_core.errors import ArtifactError, DataError
-from latent_sft_core.io import atomic_path
+from latent_sft_core.io import atomic_path, file_digest
 from latent_sft_core.layout import TokenSequence, labels_from_roles, pad_sequences
 
 log = logging.getLogger(__name__)
@@ -64,14 +64,6 @@ def check_sequence_lengths(source: Path, row_ids: Sequence[str], lengths: Sequen
     for row_id, length in zip(row_ids, lengths):
         if length > max_len:
             raise DataError(f"{source}: row {row_id} has {length} tokens, more than {key}={max_len}")
-
-
-def file_digest(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def dir_digest(path: Path | str) -> str:
