@@ -13,22 +13,25 @@ from latent_sft_core import paths
 from latent_sft_core.chunking import ChunkedRow, chunk_examples
 from latent_sft_core.config import DecodingParams, Params
 from latent_sft_core.data.schema import read_examples
+from latent_sft_core.distributed import World, compute_device
 from latent_sft_core.errors import loud_warning
 from latent_sft_core.inference import decode
 from latent_sft_core.io import atomic_outputs, file_digest, write_json
 from latent_sft_core.layout import cot_sft_sequence
-from latent_sft_core.modeling import load_base_model, save_model
+from latent_sft_core.modeling import load_base_model, load_pretrained_model, save_model
 from latent_sft_core.scoring import answer_text, pass_at_1
 from latent_sft_core.text import TextFormat, load_tokenizer, pipeline_token_ids, special_ids, tokenizer_fingerprint
 from latent_sft_core.training import (
     SCRATCH_ROOT,
     CausalLMCollator,
+    CausalLMTrainer,
     EmbeddingRowsLearningRate,
     SequenceDataset,
     check_sequence_lengths,
     finish_scratch,
     run_fingerprint,
     run_training,
+    save_whole_weights,
     write_loss_curve,
 )
 
@@ -50,8 +53,9 @@ def train_base_model(
     loss_curve_path: Path,
     scratch_dir: Path = SCRATCH_ROOT / "base_model",
     pretrained_dir: Path = paths.PRETRAINED_DIR,
-) -> dict:
-    """CoT-SFT on the train split, greedy exact-match on validation rows; writes model, metrics, loss curve."""
+) -> dict | None:
+    """CoT-SFT on the train split, greedy exact-match on validation rows; rank 0 writes model, metrics, loss
+    curve and returns the metrics (the other processes of a distributed run return None)."""
     section = params.base_model
     tokenizer = load_tokenizer(tokenizer_dir)
     ids = special_ids(tokenizer)
@@ -79,10 +83,16 @@ def train_base_model(
                        ] if added_ids and section.new_token_lr is not None else []
         result = run_training(
             model, SequenceDataset(sequences), CausalLMCollator(ids.pad), section.train, scratch_dir,
-            params.base.seed, fingerprint, callbacks=faster_rows,
+            params.base.seed, fingerprint, trainer_cls=CausalLMTrainer, callbacks=faster_rows,
+            deepspeed=section.deepspeed, compute=params.compute,
         )
 
+    if result is not None and result.zero_stage == 3:  # each process holds a partition: gather the weights whole
+        model = load_pretrained_model(save_whole_weights(result, scratch_dir))
+    model.to(compute_device(params.compute))  # where training left it; decoded in its training dtype, saved as is
     metrics = {"parameters": n_params, **validation_metrics(params, raw_dir, tokenizer, model)}
+    if not World.from_environment().is_main:
+        return None
     if added_ids:
         moved = (model.get_input_embeddings().weight.detach()[added_ids] - added_before).norm(dim=-1)
         metrics["added_token_rows_moved"] = {

@@ -61,10 +61,11 @@ def _infer(args: argparse.Namespace) -> None:
     """Answer QUESTION; print each latent step's top tokens with their probabilities, then the answer."""
     from latent_sft_core.config import Params, load_params
     from latent_sft_core.evaluation import answer_question, describe
-    from latent_sft_core.modeling import load_model
+    from latent_sft_core.modeling import for_inference, load_model
 
     params = load_params(args.params) if args.params.is_file() else Params()
     model, tokenizer = load_model(args.model)
+    model = for_inference(model, params.compute)
     decoded = answer_question(params, model, tokenizer, args.question, args.explicit, max(args.top, 1))
     print(describe(decoded, tokenizer))
 

@@ -195,7 +195,9 @@ class TrainParams(Strict):
 
     epochs: float = Field(default=1.0, gt=0)
     max_steps: int = Field(default=-1, description="overrides epochs when > 0")
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(
+        default=64, ge=1, description="rows per forward pass over all processes: each of N processes takes "
+        "batch_size / N, so the optimizer sees the same rows per step whatever N is")
     grad_accum: int = Field(default=1, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
@@ -205,7 +207,25 @@ class TrainParams(Strict):
     save_steps: int = Field(default=200, ge=1, description="resume checkpoint interval")
     logging_steps: int = Field(default=20, ge=1)
     max_seq_len: int = Field(default=512, ge=8, description="longer training sequences are an error")
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute each layer's activations in the backward pass: less memory, ~30% more time")
     dataloader_workers: int = Field(default=0, ge=0)
+
+
+class DeepSpeedParams(Strict):
+    """DeepSpeed ZeRO for one training stage (latent_sft_core/deepspeed_config.py builds its config). Off: the
+    stage trains in one process, or with DDP under several (``launch``)."""
+
+    enabled: bool = False
+    zero_stage: Literal[2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = Field(default=False, description="ZeRO-3 only")
+
+    @model_validator(mode="after")
+    def _offload_params_needs_zero3(self) -> DeepSpeedParams:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        return self
 
 
 class TinyModelParams(Strict):
@@ -232,12 +252,20 @@ class BaseModelParams(Strict):
     )
     tiny: TinyModelParams = TinyModelParams()
     train: TrainParams = TrainParams(epochs=1.0, lr=3e-3, logging_steps=50)
+    deepspeed: DeepSpeedParams = DeepSpeedParams()
     new_token_lr: float | None = Field(
         default=None, gt=0, description="learning rate of the rows of the tokens added to a pretrained model's "
         "vocabulary (<think>, </think>, <|latent|>, a pad); null: train.lr (a tiny model's rows are all new)")
     eval_rows: int = Field(default=300, ge=0, description="validation rows decoded for the stage's metric")
     eval_batch_size: int = Field(default=64, ge=1)
     max_new_tokens: int = Field(default=96, ge=1)
+
+    @model_validator(mode="after")
+    def _new_token_lr_needs_whole_rows(self) -> BaseModelParams:
+        if self.new_token_lr is not None and self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
+            raise ValueError("new_token_lr rescales rows of the embedding matrix, which ZeRO-3 partitions; use "
+                             "deepspeed.zero_stage 2 or leave new_token_lr null")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- phase 1
@@ -291,6 +319,7 @@ class Stage1Params(Strict):
     encoder_lora: LoraParams | None = None
     decoder_lora: LoraParams | None = None
     train: TrainParams = TrainParams(epochs=1.0, lr=1e-3, save_steps=100, logging_steps=20)
+    deepspeed: DeepSpeedParams = DeepSpeedParams()
     max_train_rows: int | None = Field(default=12800, ge=1, description="first rows of the train split used")
     max_eval_rows: int = Field(default=256, ge=1, description="validation rows scored to pick the best checkpoint")
     diversity_weight: float = Field(
@@ -298,6 +327,15 @@ class Stage1Params(Strict):
         description="ours: training loss L_sup - weight * entropy of the batch's mean alpha, against a collapse "
         "onto a few tokens; 0 = the paper's L_sup (phase1_model.Stage1Model)",
     )
+
+    @model_validator(mode="after")
+    def _zero3_cannot_shard_phase1(self) -> Stage1Params:
+        if self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
+            # alpha multiplies the whole embedding matrix, read as a tensor outside any module's forward, where
+            # ZeRO-3 leaves each process only its partition
+            raise ValueError("deepspeed.zero_stage 3 cannot run phase 1 (it reads the embedding matrix whole for "
+                             "alpha); use zero_stage 2, which shards the adapters' optimizer state and gradients")
+        return self
 
 
 ENCODER_LORA = LoraParams(targets=(*DEFAULT_LORA_TARGETS, "embed_tokens"))  # embed_tokens: the new latent row
@@ -342,22 +380,6 @@ class ScheduledSamplingParams(Strict):
     max_probability: float = Field(default=0.5, ge=0, le=1)
 
 
-class DeepSpeedParams(Strict):
-    """DeepSpeed ZeRO for stage 2 (see latent_sft_core/deepspeed_config.py for the config it builds)."""
-
-    enabled: bool = True
-    zero_stage: Literal[2, 3] = 2
-    offload_optimizer: bool = False
-    offload_params: bool = Field(default=False, description="ZeRO-3 only")
-    bf16: bool = Field(default=False, description="bf16 mixed precision (GPU); CPU runs in fp32")
-
-    @model_validator(mode="after")
-    def _offload_params_needs_zero3(self) -> DeepSpeedParams:
-        if self.offload_params and self.zero_stage != 3:
-            raise ValueError("offload_params needs zero_stage 3")
-        return self
-
-
 class TrainLatentParams(Strict):
     """Stage 2: the LLM learns to produce the latents itself (KL on latent slots, CE on the answer)."""
 
@@ -374,7 +396,7 @@ class TrainLatentParams(Strict):
     )
     gumbel: GumbelParams = GumbelParams()
     scheduled_sampling: ScheduledSamplingParams = ScheduledSamplingParams()
-    deepspeed: DeepSpeedParams = DeepSpeedParams()
+    deepspeed: DeepSpeedParams = DeepSpeedParams(enabled=True)
     max_train_rows: int | None = Field(default=25600, ge=1)
     max_eval_rows: int = Field(default=256, ge=1)
 
@@ -431,6 +453,61 @@ class EvaluateParams(Strict):
         return self
 
 
+# ------------------------------------------------------------------------------------------- compute
+
+
+class ComputeParams(Strict):
+    """Where and in what precision the model stages compute (training, soft-label caching, evaluation).
+
+    ``auto`` picks the GPU of the process (``cuda:<local rank>``) when there is one, else the CPU; and bf16 on a
+    GPU that supports it, fp32 elsewhere. Training in bf16 is mixed precision (fp32 weights and optimizer, bf16
+    autocast, DeepSpeed's bf16 mode under ZeRO); inference loads the models in the dtype.
+    """
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    attention: Literal["sdpa", "eager"] = Field(default="sdpa", description="the models' attention kernels")
+
+
+DEFAULT_COMPUTE = ComputeParams()
+
+
+# -------------------------------------------------------------------------------------------- launch
+
+
+class LaunchParams(Strict):
+    """How many processes run each distributed stage (``latent_sft_core.launcher``; every dvc.yaml command
+    goes through it). One process on one node runs the stage exactly as ``python -m tasks.<stage>``.
+
+    Several nodes: ``torchrun`` is started on every node with its own ``node_rank`` (the environment variable
+    ``LATENT_SFT_NODE_RANK`` overrides it, so all nodes can share one params.yaml); ``deepspeed`` starts every
+    node of ``hostfile`` from this one over ssh.
+    """
+
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    processes_per_node: int = Field(default=1, ge=1, description="one per GPU; CPU runs use gloo")
+    nodes: int = Field(default=1, ge=1)
+    node_rank: int = Field(default=0, ge=0, description="this node's rank (torchrun on several nodes)")
+    master_addr: str = Field(default="127.0.0.1", min_length=1, description="address of the node of rank 0")
+    master_port: int = Field(default=29500, ge=1, le=65535)
+    hostfile: str | None = Field(default=None, description="deepspeed's hostfile ('host slots=N' per line)")
+
+    @property
+    def world_size(self) -> int:
+        return self.processes_per_node * self.nodes
+
+    @model_validator(mode="after")
+    def _nodes_are_reachable(self) -> LaunchParams:
+        if self.node_rank >= self.nodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nodes ({self.nodes})")
+        if self.nodes > 1 and self.launcher == "deepspeed" and not self.hostfile:
+            raise ValueError("launch.hostfile is required when launch.launcher is 'deepspeed' with several nodes")
+        if self.nodes > 1 and self.master_addr in ("127.0.0.1", "localhost"):
+            raise ValueError("launch.master_addr must be the address of node 0 when launch.nodes > 1 "
+                             f"(got {self.master_addr!r}, which every node would take for itself)")
+        return self
+
+
 # ------------------------------------------------------------------------------------------- the file
 
 
@@ -451,6 +528,8 @@ class Params(Strict):
     cache_soft_labels: CacheSoftLabelsParams = CacheSoftLabelsParams()
     train_latent: TrainLatentParams = TrainLatentParams()
     evaluate: EvaluateParams = EvaluateParams()
+    compute: ComputeParams = ComputeParams()
+    launch: LaunchParams = LaunchParams()
 
     @model_validator(mode="after")
     def _gumbel_noise_needs_soft_embeddings(self) -> Params:

@@ -1,4 +1,4 @@
-"""The DeepSpeed configuration of stage 2, built from params by one pure function.
+"""The DeepSpeed configuration of a training stage, built from params by one pure function.
 
 Values the Hugging Face Trainer also sets (batch size, accumulation, clipping, learning rate, weight decay)
 are "auto", so the Trainer fills them from ``train_latent.train`` and the two can never disagree. No
@@ -12,13 +12,15 @@ from __future__ import annotations
 from latent_sft_core.config import DeepSpeedParams
 
 
-def deepspeed_config(params: DeepSpeedParams) -> dict:
-    """A DeepSpeed config dict for ``TrainingArguments(deepspeed=...)``."""
+def deepspeed_config(params: DeepSpeedParams, bf16: bool = False, hidden_size: int | None = None) -> dict:
+    """A DeepSpeed config dict for ``TrainingArguments(deepspeed=...)``; ``bf16``: bf16 mixed precision (the
+    stage's ``compute.dtype``). ``hidden_size`` sets the gradient bucket to hidden_size^2 elements, the size the
+    Trainer's "auto" picks from a Hugging Face model's config; phase 1's module of two models has no config."""
     zero: dict = {
         "stage": params.zero_stage,
         "overlap_comm": False,
         "contiguous_gradients": True,
-        "reduce_bucket_size": "auto",
+        "reduce_bucket_size": hidden_size * hidden_size if hidden_size else "auto",
     }
     if params.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
@@ -32,7 +34,7 @@ def deepspeed_config(params: DeepSpeedParams) -> dict:
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
         "zero_optimization": zero,
-        "bf16": {"enabled": params.bf16},
+        "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
         "optimizer": {
             "type": "AdamW",

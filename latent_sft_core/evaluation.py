@@ -38,11 +38,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from latent_sft_core.analysis import ecr_at_k, path_posterior
 from latent_sft_core.chunking import ChunkedRow, read_chunked
-from latent_sft_core.config import ModelName, Params, check_top_k
+from latent_sft_core.config import DEFAULT_COMPUTE, ComputeParams, ModelName, Params, check_top_k
+from latent_sft_core.distributed import process_group
 from latent_sft_core.errors import ArtifactError, loud_warning
 from latent_sft_core.inference import Decoded, LatentMode, decode
 from latent_sft_core.io import atomic_outputs, write_json
-from latent_sft_core.modeling import load_model, load_pretrained_model
+from latent_sft_core.modeling import for_inference, load_model, load_pretrained_model
 from latent_sft_core.phase1_model import encode_rows
 from latent_sft_core.scoring import answer_text, is_correct
 from latent_sft_core.soft_embedding import SparseAlpha
@@ -135,9 +136,10 @@ class Phase1Teacher:
     tokenizer: PreTrainedTokenizerBase
 
     @classmethod
-    def load(cls, folder: Path) -> Phase1Teacher:
+    def load(cls, folder: Path, compute: ComputeParams = DEFAULT_COMPUTE) -> Phase1Teacher:
         decoder, tokenizer = load_model(Path(folder) / "decoder")
-        return cls(load_pretrained_model(Path(folder) / "encoder").eval(), decoder.eval(), tokenizer)
+        encoder = load_pretrained_model(Path(folder) / "encoder")
+        return cls(for_inference(encoder, compute), for_inference(decoder, compute), tokenizer)
 
     def alphas(self, params: Params, rows: Sequence[ChunkedRow]) -> list[SparseAlpha]:
         """Per row, the encoder's alpha of each of its N latents ([N, k]; the hidden states [N, d] for the
@@ -359,11 +361,31 @@ def write_outputs(
 def evaluate(
     params: Params, chunked_dir: Path, model_dirs: dict[str, Path], outputs: EvaluationOutputs,
     phase1_dir: Path | None = None,
-) -> dict:
+) -> dict | None:
     """The evaluate stage (module docstring). ``model_dirs`` maps every name in ``evaluate.models`` to a folder;
-    ``phase1_dir`` (the merged phase-1 models) adds the diagnostics of the latent model."""
+    ``phase1_dir`` (the merged phase-1 models) adds the diagnostics of the latent model. Under several processes
+    the questions are shared out (``distributed``) and rank 0 writes the outputs and returns the results (the
+    others return None)."""
+    with process_group() as world:
+        results, records, ecr_curve, heatmap = _evaluate_models(params, chunked_dir, model_dirs, phase1_dir)
+    if not world.is_main:
+        return None
+    warnings = decoding_warnings(results, params)
+    for warning in warnings:
+        loud_warning(log, f"evaluate: {warning}")
+    report = markdown_report(results, params)
+    if warnings:
+        report += "\n## Warnings\n\n" + "\n".join(f"- {warning}" for warning in warnings) + "\n"
+    write_outputs(outputs, results, report, records, ecr_curve, heatmap)
+    return results
+
+
+def _evaluate_models(
+    params: Params, chunked_dir: Path, model_dirs: dict[str, Path], phase1_dir: Path | None,
+) -> tuple[dict[str, dict[str, dict[str, float]]], list[dict], list[dict], list[dict]]:
+    """(metrics by model and split, prediction records, ECR@K curve, heat map) of every model on every split."""
     section = params.evaluate
-    phase1 = Phase1Teacher.load(phase1_dir) if phase1_dir is not None and "latent_sft" in section.models else None
+    phase1 = Phase1Teacher.load(phase1_dir, params.compute) if phase1_dir is not None and "latent_sft" in section.models else None
     splits = evaluation_splits(params, chunked_dir)
     results: dict[str, dict[str, dict[str, float]]] = {}
     records: list[dict] = []
@@ -371,6 +393,7 @@ def evaluate(
     heatmap: list[dict] = []
     for name in section.models:
         model, tokenizer = load_model(model_dirs[name])
+        model = for_inference(model, params.compute)
         if name == "latent_sft":
             check_top_k(params, model.get_input_embeddings().num_embeddings, model_dirs[name])
         tokenizer_id = tokenizer_fingerprint(tokenizer)
@@ -389,14 +412,7 @@ def evaluate(
                 ecr_curve = [{"k": k, "ecr": results[name][split][f"ecr@{k}"]} for k in section.ecr_k]
                 heatmap = heatmap_records(run, tokenizer, section.heatmap_questions, section.heatmap_tokens)
             log.info("evaluate: %s on %s: %s", name, split, results[name][split])
-    warnings = decoding_warnings(results, params)
-    for warning in warnings:
-        loud_warning(log, f"evaluate: {warning}")
-    report = markdown_report(results, params)
-    if warnings:
-        report += "\n## Warnings\n\n" + "\n".join(f"- {warning}" for warning in warnings) + "\n"
-    write_outputs(outputs, results, report, records, ecr_curve, heatmap)
-    return results
+    return results, records, ecr_curve, heatmap
 
 
 def answer_question(

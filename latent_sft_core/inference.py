@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from latent_sft_core.config import DecodingParams, Params, SamplingParams
+from latent_sft_core.distributed import gathered_in_order
 from latent_sft_core.soft_embedding import SparseAlpha, alpha_from_logits, gumbel_perturb, mix_embeddings
 from latent_sft_core.text import SpecialIds
 
@@ -268,8 +269,10 @@ def decode(
 
     ``latent=None`` decodes explicit CoT; otherwise every row thinks in latents first (module docstring).
     ``keep_top`` tokens of each latent step's distribution are kept in ``Decoded.latent_steps``. Sampling and
-    Gumbel noise draw from one generator seeded with ``decoding.sampling.seed``. ``teacher`` (one alpha [N, k]
-    per prompt) and ``follow_teacher``: see the module docstring.
+    Gumbel noise of the i-th batch (prompts in length order) draw from a generator seeded with
+    ``decoding.sampling.seed + i``; under several processes the batches are shared out
+    (``distributed.gathered_in_order``). ``teacher`` (one alpha [N, k] per prompt) and ``follow_teacher``: see the
+    module docstring.
     """
     if teacher is not None and len(teacher) != len(prompts):
         raise ValueError(f"{len(teacher)} teacher alphas for {len(prompts)} prompts")
@@ -277,16 +280,22 @@ def decode(
         raise ValueError("follow_teacher needs a teacher and latent mode")
     model.eval()
     device = model.get_input_embeddings().weight.device
-    generator = torch.Generator(device=device).manual_seed(decoding.sampling.seed)
     order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
-    results: list[Decoded | None] = [None] * len(prompts)
-    starts = range(0, len(prompts), decoding.batch_size)
-    for start in tqdm(starts, desc="decoding", unit="batch", disable=not progress):
-        batch = order[start : start + decoding.batch_size]
+    batches = [order[start : start + decoding.batch_size] for start in range(0, len(prompts), decoding.batch_size)]
+
+    def decode_batch(numbered: tuple[int, list[int]]) -> list[Decoded]:
+        # a generator per batch: the draws do not depend on which process decodes which batches
+        number, batch = numbered
+        generator = torch.Generator(device=device).manual_seed(decoding.sampling.seed + number)
         began = time.perf_counter()
         decoded = _decode_batch(model, [prompts[i] for i in batch], ids, decoding, latent, keep_top, use_cache,
                                 generator, None if teacher is None else [teacher[i] for i in batch], follow_teacher)
         seconds = (time.perf_counter() - began) / len(batch)
+        return [replace(result, seconds=seconds) for result in decoded]
+
+    results: list[Decoded | None] = [None] * len(prompts)
+    finished = gathered_in_order(list(enumerate(batches)), decode_batch)
+    for (_, batch), decoded in tqdm(finished, total=len(batches), desc="decoding", unit="batch", disable=not progress):
         for index, result in zip(batch, decoded):
-            results[index] = replace(result, seconds=seconds)
+            results[index] = result
     return results

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -10,16 +12,66 @@ from latent_sft_core.masks import Role
 from latent_sft_core.soft_embedding import SparseAlpha
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class PositionLogits:
+    """Vocabulary logits of some positions of a padded batch: ``values`` [n, V] for the n True cells of ``mask``
+    [B, T], in row-major order (sample by sample, position by position).
+
+    The training stages run the LM head only where a loss reads it (``loss_positions``, ``modeling.logits_only_at``),
+    so a batch holds [n, V] floats instead of [B, T, V]; every loss below also takes a dense [B, T, V] tensor.
+    """
+
+    values: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: torch.Tensor | PositionLogits) -> PositionLogits:
+        """``logits`` as they are, or a dense [B, T, V] tensor as the logits of every position."""
+        if isinstance(logits, PositionLogits):
+            return logits
+        mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+        return cls(logits.reshape(-1, logits.shape[-1]), mask)
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """[m, V]: the logits of the m True cells of ``positions`` [B, T] (row-major), each one of ``mask``'s."""
+        if bool((positions & ~self.mask).any()):
+            raise ValueError("logits asked for at positions where the LM head did not run")
+        return self.values[self.mask.flatten().cumsum(0).sub(1).view_as(self.mask)[positions]]
+
+
+def supervised_targets(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the supervised labels, each predicted from the position before it (never the first position)."""
+    targets = labels != IGNORE_INDEX
+    targets[:, 0] = False
+    return targets
+
+
+def predicting_positions(positions: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the positions just before the True cells of ``positions`` [B, T] (e.g. the latent slots): the
+    positions whose logits predict them."""
+    predicting = torch.zeros_like(positions)
+    predicting[:, :-1] = positions[:, 1:]
+    return predicting
+
+
+def loss_positions(labels: torch.Tensor, roles: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] bool: where a training loss reads the logits: before every supervised label, and before every latent
+    slot when ``roles`` are given (stage 2's KL)."""
+    positions = predicting_positions(supervised_targets(labels))
+    return positions if roles is None else positions | predicting_positions(roles == Role.LATENT)
+
+
+def token_nll(logits: torch.Tensor | PositionLogits, labels: torch.Tensor) -> torch.Tensor:
     """Per-position next-token NLL under the causal shift.
 
-    logits [B, T, V], labels [B, T] (IGNORE_INDEX where unsupervised) -> nll [B, T] (fp32), where nll[b, p] is
-    the loss of predicting labels[b, p] from position p - 1; 0 at p = 0 and at ignored labels.
+    logits [B, T, V] (or ``PositionLogits`` of at least ``loss_positions(labels)``), labels [B, T] (IGNORE_INDEX where
+    unsupervised) -> nll [B, T] (fp32), where nll[b, p] is the loss of predicting labels[b, p] from position p - 1;
+    0 at p = 0 and at ignored labels.
     """
-    shifted = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    nll = F.cross_entropy(shifted.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    return torch.cat([torch.zeros_like(nll[:, :1]), nll], dim=1)
+    targets = supervised_targets(labels)
+    student = PositionLogits.of(logits).at(predicting_positions(targets)).float()  # [n, V]
+    nll = F.cross_entropy(student, labels[targets], reduction="none")
+    return torch.zeros(labels.shape, dtype=nll.dtype, device=nll.device).masked_scatter(targets, nll)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -28,7 +80,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / count.clamp(min=1)
 
 
-def supervision_loss(logits: torch.Tensor, labels: torch.Tensor, roles: torch.Tensor) -> dict[str, torch.Tensor]:
+def supervision_loss(logits: torch.Tensor | PositionLogits, labels: torch.Tensor, roles: torch.Tensor) -> dict[str, torch.Tensor]:
     """L_sup of phase 1: token-mean NLL over every supervised position (chunk tokens, ``</think>``, answer, end).
 
     logits [B, T, V], labels [B, T], roles [B, T] -> {"loss", "chunk_loss", "answer_loss"} scalars; the two
@@ -41,6 +93,14 @@ def supervision_loss(logits: torch.Tensor, labels: torch.Tensor, roles: torch.Te
         "chunk_loss": masked_mean(nll, supervised & (roles == Role.CHUNK)).detach(),
         "answer_loss": masked_mean(nll, supervised & (roles == Role.ANSWER)).detach(),
     }
+
+
+def causal_lm_loss(logits: torch.Tensor | PositionLogits, labels: torch.Tensor) -> torch.Tensor:
+    """CoT-SFT's loss: the token-mean NLL over the supervised labels (chain, ``</think>``, answer, end).
+
+    logits [B, T, V] (or ``PositionLogits`` of at least ``loss_positions(labels)``), labels [B, T] -> fp32 scalar.
+    """
+    return masked_mean(token_nll(logits, labels), supervised_targets(labels))
 
 
 def alpha_marginal_entropy(alpha: SparseAlpha, vocab_size: int) -> torch.Tensor:
@@ -61,7 +121,7 @@ def alpha_marginal_entropy(alpha: SparseAlpha, vocab_size: int) -> torch.Tensor:
 
 
 def latent_kl(
-    logits: torch.Tensor, slot_mask: torch.Tensor, teacher_ids: torch.Tensor | None, teacher_probs: torch.Tensor,
+    logits: torch.Tensor | PositionLogits, slot_mask: torch.Tensor, teacher_ids: torch.Tensor | None, teacher_probs: torch.Tensor,
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """KL(teacher || student) at the latent slots of stage 2, mean over latents per sample, mean over samples.
@@ -76,7 +136,8 @@ def latent_kl(
     ``KL = sum_k q_k (log q_k - log p_student[id_k])``, with 0 log 0 = 0. Samples without latents are left out
     of the mean; a batch without any latent gives 0 (with a gradient path).
     """
-    student = torch.log_softmax(logits[predicting_positions(slot_mask)].float() / temperature, dim=-1)  # [M, V]
+    predicting = PositionLogits.of(logits).at(predicting_positions(slot_mask))
+    student = torch.log_softmax(predicting.float() / temperature, dim=-1)  # [M, V]
     student_at = student if teacher_ids is None else student.gather(-1, teacher_ids)
     q = teacher_probs.float()
     return mean_per_sample((torch.xlogy(q, q) - q * student_at).sum(-1), slot_mask)
@@ -93,13 +154,6 @@ def latent_mse(hidden: torch.Tensor, slot_mask: torch.Tensor, teacher_hidden: to
     return mean_per_sample((student - teacher_hidden.float()).pow(2).mean(-1), slot_mask)
 
 
-def predicting_positions(slot_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool: the positions just before the slots (they predict the slots' latents)."""
-    predicting = torch.zeros_like(slot_mask)
-    predicting[:, :-1] = slot_mask[:, 1:]
-    return predicting
-
-
 def mean_per_sample(per_latent: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``per_latent`` [M] over each sample's latents, then over the samples that have any (0 if none)."""
     sample_of_latent = torch.arange(slot_mask.shape[0], device=per_latent.device)[:, None].expand_as(slot_mask)[slot_mask]
@@ -109,7 +163,7 @@ def mean_per_sample(per_latent: torch.Tensor, slot_mask: torch.Tensor) -> torch.
 
 
 def stage2_losses(
-    logits: torch.Tensor,
+    logits: torch.Tensor | PositionLogits,
     labels: torch.Tensor,
     roles: torch.Tensor,
     teacher_ids: torch.Tensor | None,

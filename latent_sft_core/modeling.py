@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from latent_sft_core import paths
-from latent_sft_core.config import LoraParams, ModelSourceParams, TinyModelParams
+from latent_sft_core.config import ComputeParams, LoraParams, ModelSourceParams, TinyModelParams
+from latent_sft_core.distributed import compute_device, compute_dtype
 from latent_sft_core.errors import ArtifactError
 from latent_sft_core.io import atomic_dir
 from latent_sft_core.text import SpecialIds, load_tokenizer, special_ids
@@ -120,3 +124,57 @@ def with_lora(model: PreTrainedModel, lora: LoraParams, seed: int) -> PeftModel:
 def frozen(model: PreTrainedModel) -> PreTrainedModel:
     model.requires_grad_(False)
     return model
+
+
+@contextmanager
+def logits_only_at(model: torch.nn.Module, positions: torch.Tensor) -> Iterator[None]:
+    """Within the block, ``model``'s LM head runs only at ``positions`` [B, T] (bool): a forward over [B, T] returns
+    ``logits`` [n, V] for its n selected positions, row-major (``losses.PositionLogits``), instead of [B, T, V].
+
+    A forward pre-hook on the output embedding picks the hidden states, so the head's weights, names and wrappers
+    (peft, DDP, DeepSpeed) stay as they are. ``model`` may be wrapped (DDP, DeepSpeed).
+    """
+    head = extract_model_from_parallel(model).get_output_embeddings()
+
+    def select(module, args):
+        hidden = args[0]
+        if hidden.shape[:2] != positions.shape:
+            raise ValueError(f"the LM head got hidden states {tuple(hidden.shape)} for positions {tuple(positions.shape)}")
+        return (hidden[positions], *args[1:])
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def for_inference(model: PreTrainedModel, compute: ComputeParams) -> PreTrainedModel:
+    """``model`` in evaluation mode on this process's device, in the compute dtype, with ``compute.attention``."""
+    device = compute_device(compute)
+    use_attention(model, compute.attention)
+    return model.to(device=device, dtype=compute_dtype(compute, device)).eval()
+
+
+def use_attention(model: torch.nn.Module, attention: str) -> None:
+    """Every Hugging Face model in ``model`` (one, or phase 1's encoder and decoder) computes attention with
+    ``attention`` ('sdpa' or 'eager')."""
+    for hf_model in outermost_hf_models(model):
+        if hf_model.config._attn_implementation != attention:
+            hf_model.set_attn_implementation(attention)
+
+
+def checkpoint_activations(model: torch.nn.Module) -> None:
+    """Activation checkpointing (non-reentrant, so frozen models with LoRA and DDP work) on every outermost Hugging
+    Face model in ``model`` (the model itself, the one inside a peft wrapper, phase 1's encoder and decoder)."""
+    for hf_model in outermost_hf_models(model):
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf_model.config.use_cache = False
+
+
+def outermost_hf_models(module: torch.nn.Module) -> Iterator[PreTrainedModel]:
+    if isinstance(module, PreTrainedModel):
+        yield module
+        return
+    for child in module.children():
+        yield from outermost_hf_models(child)

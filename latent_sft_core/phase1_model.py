@@ -27,10 +27,12 @@ from transformers import PreTrainedModel
 
 from latent_sft_core.chunking import ChunkedRow
 from latent_sft_core.config import LatentParams
+from latent_sft_core.distributed import gathered_in_order
 from latent_sft_core.errors import loud_warning
 from latent_sft_core.layout import TokenSequence, decoder_sequence, encoder_sequence, labels_from_roles, pad_sequences
-from latent_sft_core.losses import alpha_marginal_entropy, supervision_loss
+from latent_sft_core.losses import PositionLogits, alpha_marginal_entropy, loss_positions, supervision_loss
 from latent_sft_core.masks import Role, attention_bias, decoder_mask, encoder_mask
+from latent_sft_core.modeling import logits_only_at
 from latent_sft_core.soft_embedding import SparseAlpha, alpha_from_logits, mix_embeddings, vocabulary_logits
 from latent_sft_core.text import SpecialIds
 
@@ -95,11 +97,16 @@ def encode_rows(
     encoder: nn.Module, decoder: nn.Module, latent: LatentParams, top_k: int, rows: Sequence[ChunkedRow],
     ids: SpecialIds, batch_size: int,
 ) -> Iterator[tuple[Sequence[ChunkedRow], EncodedLatents]]:
-    """The encoder's latents of ``rows`` (their gold chains), ``batch_size`` rows per packed forward."""
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
+    """The encoder's latents of ``rows`` (their gold chains), ``batch_size`` rows per packed forward; under several
+    processes the batches are shared out and every process receives all of them, in order (``distributed``)."""
+
+    def encode(batch: Sequence[ChunkedRow]) -> EncodedLatents:
         padded = pad_sequences([encoder_sequence(row, ids) for row in batch], ids.pad)
-        yield batch, encode_latents(encoder, decoder, latent, top_k, padded["input_ids"], padded["roles"])
+        device = encoder.get_input_embeddings().weight.device
+        return encode_latents(encoder, decoder, latent, top_k, padded["input_ids"].to(device), padded["roles"].to(device))
+
+    yield from gathered_in_order([rows[start : start + batch_size] for start in range(0, len(rows), batch_size)],
+                                 encode)
 
 
 def embed_with_latents(decoder: nn.Module, input_ids: torch.Tensor, roles: torch.Tensor, latents: torch.Tensor):
@@ -140,10 +147,12 @@ class Stage1Model(nn.Module):
         latents = encode_latents(self.encoder, self.decoder, self.latent, self.top_k, encoder_input_ids, encoder_roles)
         embeds = embed_with_latents(self.decoder, input_ids, roles, latents.inputs)
         bias = attention_bias(decoder_mask(roles, steps, self.latent.decoder_mask), embeds.dtype)
-        logits = self.decoder(
-            inputs_embeds=embeds, attention_mask=bias, position_ids=position_ids, use_cache=False
-        ).logits
-        losses = supervision_loss(logits, labels, roles)
+        positions = loss_positions(labels)
+        with logits_only_at(self.decoder, positions):
+            logits = self.decoder(
+                inputs_embeds=embeds, attention_mask=bias, position_ids=position_ids, use_cache=False
+            ).logits
+        losses = supervision_loss(PositionLogits(logits, positions), labels, roles)
         if not (self.training and self.diversity_weight and latents.alpha is not None):
             return losses
         vocab_size = self.decoder.get_input_embeddings().num_embeddings

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from latent_sft_core.chunking import read_chunked
 from latent_sft_core.config import Params, check_top_k
+from latent_sft_core.distributed import World
 from latent_sft_core.errors import ArtifactError, DataError
 from latent_sft_core.io import atomic_dir, atomic_outputs, write_json
 from latent_sft_core.latent_health import measure_encoder_health, report_health
@@ -127,8 +128,9 @@ def train_stage1(
     metrics_path: Path,
     loss_curve_path: Path,
     scratch_dir: Path | None = None,
-) -> dict:
-    """Run one phase-1 training; write its adapter(s) to ``out_dir``, metrics and the loss curve."""
+) -> dict | None:
+    """Run one phase-1 training; rank 0 writes its adapter(s) to ``out_dir``, metrics and the loss curve and
+    returns the metrics (the other processes of a distributed run return None)."""
     section = getattr(params, stage)
     scratch_dir = scratch_dir or SCRATCH_ROOT / stage
     tokenizer = load_tokenizer(inputs.base_dir)
@@ -158,6 +160,7 @@ def train_stage1(
     result = run_training(
         model, train, Stage1Collator(ids.pad), section.train, scratch_dir,
         params.base.seed, fingerprint, trainer_cls=TrainableStateTrainer, eval_dataset=val, callbacks=[trace],
+        deepspeed=section.deepspeed, compute=params.compute,
     )
     metrics = {"trainable_parameters": trainable, **result.summary()}
     traced = health_by_step(result.log_history)
@@ -165,6 +168,8 @@ def train_stage1(
         metrics["latent_health_by_step"] = {step: trace_entry(health) for step, health in traced.items()}
     # the best checkpoint's latents on the validation rows: a collapse must show here, not three stages later
     health = traced.get(str(result.best_checkpoint_step)) or measure_health()
+    if not World.from_environment().is_main:
+        return None
     if health is not None:
         report_health(f"{stage} (validation)", health, params.collapse_guard)
         metrics["latent_health"] = health

@@ -19,28 +19,24 @@ The result is a plain Hugging Face checkpoint (LoRA merged) with its tokenizer.
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from transformers import PreTrainedModel
-from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from latent_sft_core.chunking import ChunkedRow, read_chunked
 from latent_sft_core.config import Params
-from latent_sft_core.deepspeed_config import deepspeed_config
 from latent_sft_core.errors import ArtifactError, DataError
 from latent_sft_core.inference import LatentMode
 from latent_sft_core.io import atomic_outputs, write_json
 from latent_sft_core.layout import TokenSequence, labels_from_roles, pad_sequences, stage2_sequence
-from latent_sft_core.losses import predicting_positions, stage2_losses
+from latent_sft_core.losses import PositionLogits, loss_positions, predicting_positions, stage2_losses
 from latent_sft_core.masks import Role
-from latent_sft_core.modeling import load_pretrained_model, merged, save_model, with_lora
+from latent_sft_core.modeling import load_pretrained_model, logits_only_at, merged, save_model, with_lora
 from latent_sft_core.soft_embedding import SparseAlpha, alpha_from_logits, gumbel_perturb, mix_embeddings
 from latent_sft_core.soft_label_caching import encoder_fingerprint
 from latent_sft_core.soft_labels import SoftLabelReader, open_soft_labels
@@ -53,12 +49,11 @@ from latent_sft_core.training import (
     finish_scratch,
     run_fingerprint,
     run_training,
+    save_whole_weights,
     write_loss_curve,
 )
 
 log = logging.getLogger(__name__)
-# A JIT build of a DeepSpeed op takes about a minute on 2 cores; a build lock this old has no live builder.
-STALE_BUILD_LOCK_SECONDS = 30 * 60
 
 
 @dataclass(frozen=True)
@@ -134,7 +129,7 @@ def latent_forward(
     > 0 (scheduled sampling) each slot's input is, with that probability, the student's own latent from a no-grad
     pass over the teacher's inputs; the targets stay the teacher's. ``student`` (alpha as inference makes it) also
     sets the temperature of the student's distribution in the KL (``losses.latent_kl``)."""
-    embedding = model.get_input_embeddings()
+    embedding = extract_model_from_parallel(model).get_input_embeddings()
     embeds = embedding(inputs["input_ids"])
     slots = inputs["roles"] == Role.LATENT
     teacher_ids = inputs.get("teacher_ids")
@@ -146,9 +141,11 @@ def latent_forward(
         if student_probability > 0:
             own = _student_latents(model, embeds, inputs["attention_mask"], slots, hidden_state, student)
             embeds[slots], _ = scheduled_inputs(embeds[slots], own, student_probability)
-    output = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], use_cache=False,
-                   output_hidden_states=hidden_state)
-    return stage2_losses(output.logits, inputs["labels"], inputs["roles"], teacher_ids, teacher, ce_weight,
+    positions = loss_positions(inputs["labels"], inputs["roles"])
+    with logits_only_at(model, positions):
+        output = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], use_cache=False,
+                       output_hidden_states=hidden_state)
+    return stage2_losses(PositionLogits(output.logits, positions), inputs["labels"], inputs["roles"], teacher_ids, teacher, ce_weight,
                          kl_weight, hidden=output.hidden_states[-1] if hidden_state else None,
                          temperature=student.temperature if student is not None else 1.0)
 
@@ -156,15 +153,16 @@ def latent_forward(
 @torch.no_grad()
 def _student_latents(model, embeds, attention_mask, slots, hidden_state: bool, student: LatentMode | None):
     """[M, d]: what the student would feed at each slot, given the teacher's latents before it."""
-    output = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
-                   output_hidden_states=hidden_state)
     before = predicting_positions(slots)
+    with logits_only_at(model, before):
+        output = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
+                       output_hidden_states=hidden_state)
     if hidden_state:
         return output.hidden_states[-1][before]
     if student is None:
         raise ValueError("scheduled sampling on soft embeddings needs the LatentMode (top-k and temperature)")
-    alpha = alpha_from_logits(output.logits[before], student.top_k, student.temperature)
-    return mix_embeddings(alpha, model.get_input_embeddings())
+    alpha = alpha_from_logits(output.logits, student.top_k, student.temperature)  # [M, V]: the slots' logits
+    return mix_embeddings(alpha, extract_model_from_parallel(model).get_input_embeddings())
 
 
 class LatentTrainer(ComponentLoggingTrainer):
@@ -196,49 +194,6 @@ class LatentTrainer(ComponentLoggingTrainer):
     def loss_outputs(self, model, inputs):
         return latent_forward(model, inputs, *self.step_weights(), hidden_state=self.hidden_state,
                               student_probability=self.student_probability(), student=self.student)
-
-
-def extension_build_locks() -> list[Path]:
-    """The lock files of torch's C++ extension builds (DeepSpeed JIT-builds its ops there, e.g. the CPU
-    accelerator's ``deepspeed_shm_comm`` at every start), under ``TORCH_EXTENSIONS_DIR`` or torch's default root."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    return sorted({*root.glob("*/lock"), *root.glob("*/*/lock")})
-
-
-def clear_stale_build_locks(now: float | None = None) -> None:
-    """A process killed while DeepSpeed builds an op leaves the build's lock file behind, and every later run
-    then waits on it forever without a word (seen: train_latent killed in its first minute, the next two runs
-    idle for good). Locks older than ``STALE_BUILD_LOCK_SECONDS`` are removed; a younger one is named in the log,
-    since a run that stops here is waiting on it."""
-    now = time.time() if now is None else now
-    for lock in extension_build_locks():
-        try:
-            age = now - lock.stat().st_mtime
-            if age > STALE_BUILD_LOCK_SECONDS:
-                lock.unlink()
-                log.warning("removed %s: a torch extension build lock %.0f min old, left by a killed build", lock,
-                            age / 60)
-            else:
-                log.warning("%s exists: DeepSpeed waits until that build ends; if no other run is building it, "
-                            "delete the file", lock)
-        except FileNotFoundError:  # the build it guarded has just ended
-            continue
-
-
-def ensure_distributed_env() -> None:
-    """Single-process defaults for DeepSpeed (torchrun and the deepspeed launcher set these themselves)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)}.items():
-        os.environ.setdefault(key, value)
 
 
 def _latent_rows(
@@ -294,38 +249,24 @@ def train_latent(
         ids.pad,
         (gumbel.scale, gumbel.tau, (gumbel.clamp_min, gumbel.clamp_max)) if gumbel.enabled else None,
     )
-    overrides: dict = {}
-    if section.deepspeed.enabled:
-        ensure_distributed_env()
-        clear_stale_build_locks()
-        overrides["deepspeed"] = deepspeed_config(section.deepspeed)
     fingerprint = run_fingerprint(
         section=section.model_dump(mode="json"),
         latent=params.latent.model_dump(mode="json"),
         base=params.base.model_dump(mode="json", include={"seed", "compression_rate", "top_k"}),
         inputs={name: dir_digest(p) for name, p in (("merged", decoder_dir), ("labels", soft_labels_dir))},
-        world_size=os.environ.get("WORLD_SIZE", "1"),
     )
-    log.info("train_latent: rank %s of %s", os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1"))
     sampling = section.scheduled_sampling
     trainer_cls = partial(LatentTrainer, ce_weight=section.ce_weight, kl_weight=section.kl_weight,
                           schedule=section.loss_schedule, hidden_state=params.latent.kind == "hidden_state",
                           max_student_probability=sampling.max_probability if sampling.enabled else 0.0,
                           student=LatentMode.from_params(params))
     result = run_training(model, train, collator, section.train, scratch_dir, params.base.seed, fingerprint,
-                          trainer_cls=trainer_cls, eval_dataset=val, **overrides)
-    trainer = result.trainer
-    final_dir = scratch_dir / "final"
-    trainer.save_model(str(final_dir))  # gathers ZeRO-3 partitions; collective, so every rank calls it
-    if not trainer.is_world_process_zero():
+                          trainer_cls=trainer_cls, eval_dataset=val, deepspeed=section.deepspeed,
+                          compute=params.compute)
+    final_dir = save_whole_weights(result, scratch_dir)
+    if not result.trainer.is_world_process_zero():
         return None
-    # training is over: models loaded from here on are plain ones, not ZeRO-3-partitioned (a collective)
-    unset_hf_deepspeed_config()
-    metrics = {
-        **result.summary(),
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-        "zero_stage": section.deepspeed.zero_stage if section.deepspeed.enabled else None,
-    }
+    metrics = result.summary()
     if section.finetune == "lora":
         final = merged(load_pretrained_model(decoder_dir), final_dir)
     else:

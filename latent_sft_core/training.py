@@ -1,5 +1,10 @@
 """Resumable training on the Hugging Face Trainer, shared by every training stage.
 
+Under several processes (``latent_sft_core.launcher``) the Trainer trains with DDP, or with DeepSpeed ZeRO when
+the stage's ``deepspeed.enabled``; ``train.batch_size`` is the batch of all processes together, so each takes
+``batch_size / N`` rows and every optimizer step sees the same rows as one process would. Rank 0 prepares the
+scratch folder and writes the stage's outputs.
+
 Resume checkpoints live in a scratch folder outside the DVC outs (``.scratch/<stage>``). The folder carries a
 fingerprint of everything the run depends on (params, input data, tokenizer); a rerun with the same
 fingerprint resumes from the newest checkpoint (weights, optimizer, scheduler, RNG states), a rerun with
@@ -20,13 +25,25 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
-from latent_sft_core.config import TrainParams
+from latent_sft_core.config import DEFAULT_COMPUTE, ComputeParams, DeepSpeedParams, ParamsError, TrainParams
+from latent_sft_core.deepspeed_config import deepspeed_config
+from latent_sft_core.distributed import (
+    World,
+    barrier,
+    clear_stale_build_locks,
+    compute_device,
+    compute_dtype,
+    ensure_distributed_env,
+)
 from latent_sft_core.errors import ArtifactError, DataError
 from latent_sft_core.io import atomic_path, file_digest
 from latent_sft_core.layout import TokenSequence, labels_from_roles, pad_sequences
+from latent_sft_core.losses import PositionLogits, causal_lm_loss, loss_positions
+from latent_sft_core.modeling import checkpoint_activations, logits_only_at, outermost_hf_models, use_attention
 
 log = logging.getLogger(__name__)
 SCRATCH_ROOT = Path(".scratch")
@@ -114,13 +131,23 @@ def latest_complete_checkpoint(scratch_dir: Path) -> str | None:
     return None
 
 
-def training_arguments(train: TrainParams, output_dir: Path, seed: int, **overrides: object) -> TrainingArguments:
-    """TrainingArguments from a TrainParams section; one definition for every stage."""
+def per_process_batch_size(train: TrainParams, world_size: int) -> int:
+    """Rows each of ``world_size`` processes takes of the ``train.batch_size`` rows of one forward pass."""
+    if train.batch_size % world_size:
+        raise ParamsError(f"train.batch_size={train.batch_size} does not divide among {world_size} processes")
+    return train.batch_size // world_size
+
+
+def training_arguments(
+    train: TrainParams, output_dir: Path, seed: int, compute: ComputeParams = DEFAULT_COMPUTE, **overrides: object,
+) -> TrainingArguments:
+    """TrainingArguments from a TrainParams section and the compute params; one definition for every stage."""
+    device = compute_device(compute)
     values = dict(
         output_dir=str(output_dir),
         num_train_epochs=train.epochs,
         max_steps=train.max_steps,
-        per_device_train_batch_size=train.batch_size,
+        per_device_train_batch_size=per_process_batch_size(train, World.from_environment().size),
         gradient_accumulation_steps=train.grad_accum,
         learning_rate=train.lr,
         weight_decay=train.weight_decay,
@@ -137,7 +164,8 @@ def training_arguments(train: TrainParams, output_dir: Path, seed: int, **overri
         data_seed=seed,
         dataloader_num_workers=train.dataloader_workers,
         remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=device.type == "cpu",
+        bf16=compute_dtype(compute, device) == torch.bfloat16,  # mixed precision: fp32 weights, bf16 autocast
         disable_tqdm=False,
     )
     values.update(overrides)
@@ -156,6 +184,9 @@ class ComponentLoggingTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # our losses are means over one micro-batch, not sums for the Trainer's token count: the Trainer must divide
+        # them by the accumulation steps (it skips that for a model whose forward takes **kwargs, as HF models do)
+        self.model_accepts_loss_kwargs = False
         self._component_sums: dict[str, float] = {}
         self._component_count = 0
 
@@ -176,6 +207,22 @@ class ComponentLoggingTrainer(Trainer):
             logs |= {name: round(total / self._component_count, 6) for name, total in self._component_sums.items()}
             self._component_sums, self._component_count = {}, 0
         super().log(logs, start_time)
+
+
+def causal_lm_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CoT-SFT's loss (``losses.causal_lm_loss``) for a ``CausalLMCollator`` batch, the LM head run only at the
+    positions that predict a label."""
+    positions = loss_positions(inputs["labels"])
+    with logits_only_at(model, positions):
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+    return {"loss": causal_lm_loss(PositionLogits(logits, positions), inputs["labels"])}
+
+
+class CausalLMTrainer(ComponentLoggingTrainer):
+    """CoT-SFT through ``causal_lm_forward``."""
+
+    def loss_outputs(self, model, inputs):
+        return causal_lm_forward(model, inputs)
 
 
 class TrainableStateTrainer(ComponentLoggingTrainer):
@@ -245,6 +292,8 @@ class TrainResult:
 
     best_checkpoint_step: int | None = None
     best_eval_loss: float | None = None
+    world_size: int = 1
+    zero_stage: int | None = None  # None: no DeepSpeed
     trainer: Trainer | None = field(default=None, repr=False)  # the finished trainer (saving, rank checks)
 
     def losses(self) -> list[tuple[int, float]]:
@@ -265,6 +314,8 @@ class TrainResult:
         """What a training stage reports in its metrics file."""
         losses = self.losses()
         summary = {
+            "world_size": self.world_size,
+            "zero_stage": self.zero_stage,
             "steps": self.global_step,
             "train_seconds": round(self.seconds, 1),
             "final_loss": losses[-1][1] if losses else None,
@@ -289,26 +340,47 @@ def run_training(
     trainer_cls: Callable[..., Trainer] = Trainer,
     eval_dataset: torch.utils.data.Dataset | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    deepspeed: DeepSpeedParams | None = None,
+    compute: ComputeParams = DEFAULT_COMPUTE,
     **argument_overrides: object,
 ) -> TrainResult:
     """Train ``model`` in place, resuming from the scratch folder's newest checkpoint when it matches.
 
     With an ``eval_dataset`` the validation loss is computed at every checkpoint and the best checkpoint
-    (lowest validation loss) is loaded at the end. ``callbacks`` are added to the Trainer's.
+    (lowest validation loss) is loaded at the end. ``callbacks`` are added to the Trainer's. With ``deepspeed``
+    enabled the Trainer runs DeepSpeed ZeRO (one process too); otherwise several processes train with DDP.
+    ``compute``: the device and precision (bf16: mixed precision) the model trains in, and its attention kernels.
+    Checkpoints of a run with another number of processes are not resumed (each process keeps its own RNG state).
     """
-    checkpoint = prepare_scratch(scratch_dir, fingerprint)
+    world = World.from_environment()
+    zero_stage = deepspeed.zero_stage if deepspeed is not None and deepspeed.enabled else None
     if eval_dataset is not None:
         argument_overrides = {
             "eval_strategy": "steps",
             "eval_steps": train.save_steps,
-            "per_device_eval_batch_size": train.batch_size,
+            "per_device_eval_batch_size": per_process_batch_size(train, world.size),
             "load_best_model_at_end": True,
             "metric_for_best_model": "eval_loss",
             "greater_is_better": False,
             "prediction_loss_only": True,
             **argument_overrides,
         }
-    args = training_arguments(train, scratch_dir, seed, **argument_overrides)
+    if zero_stage is not None:
+        ensure_distributed_env()
+        clear_stale_build_locks()
+        device = compute_device(compute)
+        hidden_size = next((hf_model.config.hidden_size for hf_model in outermost_hf_models(model)), None)
+        argument_overrides["deepspeed"] = deepspeed_config(deepspeed, compute_dtype(compute, device) == torch.bfloat16,
+                                                           hidden_size)
+    args = training_arguments(train, scratch_dir, seed, compute, **argument_overrides)
+    use_attention(model, compute.attention)
+    if train.gradient_checkpointing:
+        checkpoint_activations(model)
+    fingerprint = run_fingerprint(run=fingerprint, world_size=world.size)
+    log.info("training: rank %d of %d%s", world.rank, world.size, f", DeepSpeed ZeRO-{zero_stage}" if zero_stage else "")
+    # rank 0 clears another run's checkpoints before any process looks for one to resume from
+    with args.main_process_first(local=False, desc="scratch folder"):
+        checkpoint = prepare_scratch(scratch_dir, fingerprint) if world.is_main else latest_complete_checkpoint(scratch_dir)
     trainer = trainer_cls(
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=collator,
         callbacks=list(callbacks),
@@ -322,8 +394,20 @@ def run_training(
         trainer.state.global_step,
         best_checkpoint_step=int(best.rsplit("-", 1)[1]) if best else None,
         best_eval_loss=trainer.state.best_metric,
+        world_size=world.size,
+        zero_stage=zero_stage,
         trainer=trainer,
     )
+
+
+def save_whole_weights(result: TrainResult, scratch_dir: Path) -> Path:
+    """Save the trained model whole into ``scratch_dir / "final"`` and return the folder. Under ZeRO-3 this gathers
+    every process's partition (a collective: every process calls it); models loaded afterwards are plain ones."""
+    final_dir = scratch_dir / "final"
+    result.trainer.save_model(str(final_dir))
+    barrier()  # rank 0 writes the gathered weights; the others may read them only once they are there
+    unset_hf_deepspeed_config()  # training is over: from_pretrained must not partition what it loads
+    return final_dir
 
 
 def write_loss_curve(path: Path, result: TrainResult) -> None:

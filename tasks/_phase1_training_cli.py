@@ -34,4 +34,5 @@ def stage1_main(stage: Stage1Name, description: str, argv: Sequence[str] | None)
         decoder_stage_dir=args.decoder_stage if stage == "train_joint" else None,
     )
     metrics = train_stage1(load_params(args.params), stage, inputs, args.out, args.metrics, args.loss_curve)
-    print(f"{stage} -> {args.out}: {metrics}")
+    if metrics is not None:
+        print(f"{stage} -> {args.out}: {metrics}")

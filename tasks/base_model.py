@@ -20,7 +20,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     metrics = train_base_model(load_params(args.params), args.raw, args.tokenizer, args.out, args.metrics,
                                args.loss_curve, pretrained_dir=args.pretrained)
-    print(f"base model -> {args.out}: {metrics}")
+    if metrics is not None:
+        print(f"base model -> {args.out}: {metrics}")
 
 
 if __name__ == "__main__":

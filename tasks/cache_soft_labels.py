@@ -17,7 +17,8 @@ def main(argv=None) -> None:
     parser.add_argument("--metrics", type=Path, default=paths.METRICS_DIR / "cache_soft_labels.json")
     args = parser.parse_args(argv)
     metrics = cache_soft_labels(load_params(args.params), args.merged, args.chunked, args.out, args.metrics)
-    print(f"soft labels -> {args.out}: {metrics}")
+    if metrics is not None:
+        print(f"soft labels -> {args.out}: {metrics}")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,10 @@ def main(argv=None) -> None:
     parser.add_argument("--heatmap-plot", type=Path, default=paths.PLOTS_DIR / "latent_top_tokens.json")
     args = parser.parse_args(argv)
     outputs = EvaluationOutputs(args.metrics, args.report, args.predictions, args.ecr_plot, args.heatmap_plot)
-    evaluate(load_params(args.params), args.chunked, {"cot_sft": args.cot_sft, "latent_sft": args.latent_sft}, outputs,
+    results = evaluate(load_params(args.params), args.chunked, {"cot_sft": args.cot_sft, "latent_sft": args.latent_sft}, outputs,
              phase1_dir=None if args.no_phase1 else args.phase1)
-    print(outputs.report.read_text(encoding="utf-8"))
+    if results is not None:
+        print(outputs.report.read_text(encoding="utf-8"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Stage train_latent (stage 2): KL on the latent slots + CE on the answer, through DeepSpeed ZeRO.
 
-One process by default; several with `torchrun --nproc_per_node N -m tasks.train_latent` or
+One process by default; several as params.yaml's `launch` section says (dvc.yaml starts every stage through
+`latent_sft_core.launcher`), or by hand with `torchrun --nproc_per_node N -m tasks.train_latent` or
 `deepspeed --num_gpus N tasks/train_latent.py` (rank 0 writes the outputs).
 """
 

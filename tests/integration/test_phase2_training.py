@@ -9,12 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from latent_sft_core.chunking import read_chunked
@@ -29,8 +26,7 @@ from latent_sft_core.phase2_training import LatentTrainer, train_latent
 from latent_sft_core.soft_label_caching import cache_soft_labels, encoder_fingerprint
 from latent_sft_core.soft_labels import open_soft_labels
 from latent_sft_core.text import load_tokenizer, special_ids, tokenizer_fingerprint
-from tests.stage_cli import make_workdir, output_paths, stage_command
-from tests.support import deep_merge, subprocess_environment
+from tests.support import deep_merge
 
 pytestmark = pytest.mark.integration
 
@@ -208,29 +204,3 @@ def test_alternating_schedule_cycles_kl_ce_and_both():
     trainer.schedule = "sum"
     trainer.model.train()
     assert trainer.step_weights() == (0.5, 2.0)
-
-
-# ------------------------------------------------------------------------------------- DeepSpeed runs
-
-
-def test_zero3_with_two_processes_under_torchrun(labelled_run, tmp_path):
-    root, _, _ = labelled_run
-    one_epoch = {"max_steps": -1, "epochs": 1}
-    workdir = make_workdir(tmp_path / "zero3", {"train_latent": {"deepspeed": {"zero_stage": 3}, "train": one_epoch}})
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
-    result = subprocess.run(stage_command("train_latent", workdir, root, launcher=launcher), cwd=workdir,
-                            env=subprocess_environment(), capture_output=True, text=True)
-    outputs = output_paths("train_latent", workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "rank 0 of 2" in result.stderr and "rank 1 of 2" in result.stderr
-    metrics = json.loads(outputs["metrics"].read_text())
-    assert metrics["world_size"] == 2 and metrics["zero_stage"] == 3
-    # 192 rows, batch 16 per process, 2 processes: the data is split, not trained twice
-    assert metrics["steps"] == 6
-    saved = load_file(outputs["out"] / "model.safetensors")
-    start = load_file(root / "merged" / "decoder" / "model.safetensors")
-    assert saved.keys() == start.keys()
-    for name, tensor in saved.items():
-        assert tensor.shape == start[name].shape and tensor.numel() > 0, name
-        assert torch.isfinite(tensor).all()
-    assert any(not torch.equal(saved[n], start[n]) for n in saved), "ZeRO-3 saved the untrained weights"

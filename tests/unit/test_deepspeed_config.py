@@ -23,7 +23,7 @@ def test_default_is_zero2_with_torch_adamw_and_trainer_owned_values():
 
 
 def test_zero3_gathers_weights_on_save_and_offloads_on_request():
-    config = deepspeed_config(DeepSpeedParams(zero_stage=3, offload_optimizer=True, offload_params=True, bf16=True))
+    config = deepspeed_config(DeepSpeedParams(zero_stage=3, offload_optimizer=True, offload_params=True), bf16=True)
     zero = config["zero_optimization"]
     assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
@@ -36,3 +36,9 @@ def test_param_offload_needs_zero3():
         parse_params({"train_latent": {"deepspeed": {"offload_params": True}}})
     with pytest.raises(ParamsError, match="zero_stage"):
         parse_params({"train_latent": {"deepspeed": {"zero_stage": 1}}})
+
+
+def test_gradient_bucket_from_the_hidden_size_when_the_module_has_no_config():
+    assert deepspeed_config(DeepSpeedParams())["zero_optimization"]["reduce_bucket_size"] == "auto"
+    # phase 1's module (encoder + decoder) has no config for the Trainer to fill "auto" from
+    assert deepspeed_config(DeepSpeedParams(), hidden_size=64)["zero_optimization"]["reduce_bucket_size"] == 64 * 64

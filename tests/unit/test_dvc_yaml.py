@@ -63,13 +63,30 @@ def covered(path: Path, deps: list[str]) -> bool:
     return any(relative == Path(dep) or Path(dep) in relative.parents for dep in deps)
 
 
+LAUNCHER = "latent_sft_core.launcher"
+
+
+def command_modules(command: str) -> tuple[str, str]:
+    """(launcher module, stage module) of a dvc.yaml command ``python -m <launcher> tasks.<stage> ...``."""
+    words = command.split()
+    assert words[:2] == ["python", "-m"] and len(words) >= 4, command
+    return words[2], words[3]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_stage_starts_through_the_launcher(stage):
+    assert command_modules(STAGES[stage]["cmd"]) == (LAUNCHER, f"tasks.{stage}")
+
+
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_stage_deps_cover_its_imports(stage):
     spec = STAGES[stage]
-    module = spec["cmd"].split("python -m ")[1].split()[0]
-    entry = module_file(module)
-    assert entry is not None, f"{stage}: {module} not found"
-    missing = sorted(str(p.relative_to(REPO_ROOT)) for p in import_closure(entry) if not covered(p, spec["deps"]))
+    closure: set[Path] = set()
+    for module in command_modules(spec["cmd"]):
+        entry = module_file(module)
+        assert entry is not None, f"{stage}: {module} not found"
+        closure |= import_closure(entry)
+    missing = sorted(str(p.relative_to(REPO_ROOT)) for p in closure if not covered(p, spec["deps"]))
     assert not missing, f"dvc.yaml stage {stage} lacks deps: {missing}"
     code_deps = [d for d in spec["deps"] if d.endswith(".py") or d.startswith("latent_sft_core")]
     for dep in code_deps:
@@ -87,6 +104,6 @@ def test_stage_params_exist_in_schema(stage):
 
 
 def test_every_stage_module_is_a_stage():
-    modules = {spec["cmd"].split("python -m tasks.")[1].split()[0] for spec in STAGES.values()}
+    modules = {command_modules(spec["cmd"])[1].removeprefix("tasks.") for spec in STAGES.values()}
     on_disk = {p.stem for p in (REPO_ROOT / "tasks").glob("*.py") if not p.stem.startswith("_")}
     assert modules == on_disk

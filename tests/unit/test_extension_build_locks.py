@@ -3,7 +3,7 @@
 import logging
 import os
 
-from latent_sft_core.phase2_training import STALE_BUILD_LOCK_SECONDS, clear_stale_build_locks, extension_build_locks
+from latent_sft_core.distributed import STALE_BUILD_LOCK_SECONDS, clear_stale_build_locks, extension_build_locks
 
 
 def _lock(path, age_seconds, now):
@@ -23,7 +23,7 @@ def test_stale_locks_are_removed_and_live_ones_named(tmp_path, monkeypatch, capl
     built.touch()
     assert extension_build_locks() == sorted([stale, stale_nested, live])
 
-    with caplog.at_level(logging.WARNING, logger="latent_sft_core.phase2_training"):
+    with caplog.at_level(logging.WARNING, logger="latent_sft_core.distributed"):
         clear_stale_build_locks(now=now)
 
     assert not stale.exists() and not stale_nested.exists()

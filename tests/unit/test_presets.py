@@ -41,7 +41,7 @@ def test_llama_gsm8k_presets_carry_the_reference_v2_gsm8k_settings(c):
     assert (latent.finetune, latent.train.lr, latent.train.epochs) == ("lora", 3e-4, 70)
     assert latent.train.batch_size * latent.train.grad_accum == 512
     assert latent.gumbel.enabled and (latent.gumbel.scale, latent.gumbel.tau) == (1.0, 1.0)
-    assert latent.deepspeed.enabled and latent.deepspeed.zero_stage == 2 and latent.deepspeed.bf16
+    assert latent.deepspeed.enabled and latent.deepspeed.zero_stage == 2 and params.compute.dtype == "bfloat16"
     assert params.evaluate.decoding.max_new_tokens == 128
     assert (params.evaluate.decoding.sampling.temperature, params.evaluate.decoding.sampling.top_p) == (0.6, 0.95)
 
@@ -59,7 +59,7 @@ def test_the_qwen_preset_carries_the_reference_v2_math_settings():
     assert (joint.lr, joint.epochs, joint.batch_size * joint.grad_accum) == (1e-5, 10, 64)
     latent = params.train_latent.train
     assert (latent.lr, latent.epochs, latent.batch_size * latent.grad_accum) == (2e-5, 50, 256)
-    assert params.train_latent.gumbel.enabled and params.train_latent.deepspeed.bf16
+    assert params.train_latent.gumbel.enabled and params.compute.dtype == "bfloat16"
     assert params.evaluate.decoding.max_new_tokens == 4096
     assert params.latent.projection == "lm_head"  # untied embeddings
 
