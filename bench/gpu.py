@@ -49,9 +49,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from bench.report import machine_line, update_section
 from bench.step_cost import training_step
 from latent_sft_core.chunking import ChunkedRow, chunk_bounds
-from latent_sft_core.config import DecodingParams, DeepSpeedParams, LatentParams, LoraParams
+from latent_sft_core.config import DecodingParams, DeepSpeedParams, LatentParams, LaunchParams, LoraParams
 from latent_sft_core.deepspeed_config import deepspeed_config
 from latent_sft_core.inference import LatentMode, decode
+from latent_sft_core.launcher import torchrun_command
 from latent_sft_core.layout import cot_sft_sequence, stage2_sequence
 from latent_sft_core.losses import loss_positions
 from latent_sft_core.modeling import with_lora
@@ -374,12 +375,11 @@ def main(argv: list[str] | None = None) -> None:
             kept = folder / f"zero{zero_stage}-{args.shape}-x{processes}.json"
             if kept.is_file():
                 continue
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-                       "-m", "bench.gpu", "--shape", args.shape, "--batch", str(args.batch),
-                       "--prompt-tokens", str(args.prompt_tokens), "--chain-tokens", str(args.chain_tokens),
-                       "--answer-tokens", str(args.answer_tokens), "--compression-rate", str(args.compression_rate),
-                       "--warmup", str(args.warmup), "--steps", str(args.steps),
-                       "--zero-worker", str(zero_stage), "--worker-out", str(kept)]
+            command = torchrun_command(LaunchParams(processes_per_node=processes), "bench.gpu", [
+                "--shape", args.shape, "--batch", str(args.batch), "--prompt-tokens", str(args.prompt_tokens),
+                "--chain-tokens", str(args.chain_tokens), "--answer-tokens", str(args.answer_tokens),
+                "--compression-rate", str(args.compression_rate), "--warmup", str(args.warmup), "--steps", str(args.steps),
+                "--zero-worker", str(zero_stage), "--worker-out", str(kept)])
             subprocess.run(command, check=True)
     if args.report:
         update_section("gpu", report(args.out))

@@ -72,15 +72,23 @@ def stage_command(
     stage = stage_name(module)
     if stage not in DISTRIBUTED_STAGES or launch.world_size == 1:
         return [python, "-m", module, *argv]
-    per_node = str(launch.processes_per_node)
     if launch.launcher == "deepspeed":
-        command = [python, "-m", "deepspeed.launcher.runner", "--num_nodes", str(launch.nodes), "--num_gpus", per_node,
+        command = [python, "-m", "deepspeed.launcher.runner", "--num_nodes", str(launch.nodes),
+                   "--num_gpus", str(launch.processes_per_node),
                    "--master_addr", launch.master_addr, "--master_port", str(launch.master_port)]
         if launch.hostfile:
             command += ["--hostfile", launch.hostfile]
         # LOCAL_RANK reaches the stage through the environment, so its options stay those of one process
         return [*command, "--no_local_rank", "--module", module, *argv]
-    command = [python, "-m", "torch.distributed.run", "--nproc_per_node", per_node]
+    return torchrun_command(launch, module, argv, python, environment)
+
+
+def torchrun_command(
+    launch: LaunchParams, module: str, argv: Sequence[str], python: str = sys.executable,
+    environment: dict[str, str] | None = None,
+) -> list[str]:
+    """``torchrun`` starting ``launch.processes_per_node`` copies of ``python -m module argv`` on this node."""
+    command = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(launch.processes_per_node)]
     if launch.nodes == 1:
         command.append("--standalone")  # a free port of this machine: concurrent runs do not collide
     else:
