@@ -99,6 +99,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def close_process_group() -> None:
+    """At the end of a stage: wait for every process, then close the process group, whoever opened it (the
+    Trainer, DeepSpeed). Left open, gloo's threads are torn down at interpreter exit, which can abort a process
+    whose work is done ("terminate called without an active exception", exit -6) and fail the whole stage."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def on_cpu(value):
     """``value`` with every tensor inside it (dataclass fields, lists, tuples, dicts) moved to the CPU."""
     if isinstance(value, torch.Tensor):

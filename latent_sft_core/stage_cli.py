@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from latent_sft_core.config import DEFAULT_PARAMS_PATH
+from latent_sft_core.distributed import close_process_group
 from latent_sft_core.errors import PipelineError
 
 log = logging.getLogger("latent_sft")
@@ -30,6 +31,7 @@ def run_cli(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | 
     setup_logging()
     try:
         main(argv)
+        close_process_group()
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -97,3 +97,20 @@ def test_results_come_back_on_the_cpu():
     moved = on_cpu(Holder(torch.ones(2), [torch.zeros(1), {"a": torch.ones(1)}, "text"]))
     assert moved.values.device.type == "cpu" and moved.items[2] == "text"
     assert torch.equal(moved.items[1]["a"], torch.ones(1))
+
+
+def test_a_stage_closes_the_process_group_it_leaves_open(tmp_path):
+    """The Trainer opens the group of a training stage and never closes it; left to interpreter exit, gloo's
+    threads can abort a finished process. run_cli closes it after the stage's work, and only then."""
+    import torch.distributed as dist
+
+    from latent_sft_core.stage_cli import run_cli
+
+    open_during_stage = []
+
+    def stage(argv):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+        open_during_stage.append(dist.is_initialized())
+
+    assert run_cli(stage, []) == 0
+    assert open_during_stage == [True] and not dist.is_initialized()
