@@ -47,17 +47,19 @@ from latent_sft_core.subprocess_env import interpreter_first_path
 DEFAULT_ROW = "Latent-SFT(4)"  # the default params
 COT_ROW = "CoT-SFT"
 NO_COT_ROW = "No-CoT"
-# Phase 1 without the diversity term (ours) of the default params.
-PAPER_PHASE1_LOSS = ["train_encoder.diversity_weight=0", "train_joint.diversity_weight=0"]
+# Phase 1 without the chunk-anchor term (ours) of the default params; without it and the diversity term (ours).
+NO_CHUNK_ANCHOR = ["train_encoder.chunk_anchor_weight=0", "train_joint.chunk_anchor_weight=0"]
+PAPER_PHASE1_LOSS = ["train_encoder.diversity_weight=0", "train_joint.diversity_weight=0", *NO_CHUNK_ANCHOR]
 # Latent row -> `dvc exp run -S` overrides on top of the default params (and base.seed).
 VARIANTS: dict[str, list[str]] = {
     "Latent-SFT(2)": ["base.compression_rate=2"],
-    "Hidden state (c=4)": ["latent.kind=hidden_state", *PAPER_PHASE1_LOSS],  # no alpha to diversify
+    "Hidden state (c=4)": ["latent.kind=hidden_state", *PAPER_PHASE1_LOSS],  # no alpha to diversify or anchor
     "w/o LTIM (c=4)": ["latent.encoder_mask=causal"],
     "w/o LTSuM (c=4)": ["latent.decoder_mask=causal"],
-    # The paper's phase-1 loss (L_sup alone): the default adds the diversity term (ours).
+    # The paper's phase-1 loss (L_sup alone): the default adds the diversity and chunk-anchor terms (ours).
     "Paper's L_sup in phase 1 (c=4)": PAPER_PHASE1_LOSS,
     # Extension rows: ours, beyond the paper's table.
+    "Phase 1 without the chunk anchor (ours, c=4)": NO_CHUNK_ANCHOR,
     "Scheduled sampling (ours, c=4)": ["train_latent.scheduled_sampling.enabled=true"],
 }
 # What `no_cot_metrics` changes in the params; recorded with its runs and part of their fingerprint.

@@ -6,8 +6,8 @@ floating-point path. Each configuration runs train_encoder, train_decoder and tr
 workspace's ``models/base`` and ``data/chunked``, so run ``dvc repro base_model chunk`` first) with
 ``base.seed`` set per run, and records per stage the best validation L_sup and the collapse guard's
 statistics (``latent_health``). ``--encoder-rows`` sets the encoder-only stage's rows (6,400 = the default;
-25,600 = the 4x longer stress). Results are kept per (configuration, rows, seed, torch threads: the
-floating-point path changes where phase 1 lands) in
+25,600 = the 4x longer stress). Results are kept per (configuration, rows, seed, torch threads, base model: the
+floating-point path and the base model change where phase 1 lands) in
 ``bench/results/phase1_collapse/`` and skipped when rerun; the table is written into BENCHMARKS.md from all
 kept results after every run, so several processes (e.g. one per seed, ``OMP_NUM_THREADS=1`` each) can share
 the work; run it on one and on two threads.
@@ -18,6 +18,7 @@ the work; run it on one and on two threads.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import tempfile
@@ -35,15 +36,24 @@ from latent_sft_core.phase1_training import Stage1Inputs, train_stage1
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "phase1_collapse"
 STAGES = ("train_encoder", "train_decoder", "train_joint")
 SHOWN_STAGES = ("train_encoder", "train_joint")  # train_decoder's latents are train_encoder's
+
+
+def term_weights(diversity: float, chunk_anchor: float) -> dict[str, float]:
+    """Overrides setting the diversity and chunk-anchor weights (ours) of both trainings of the encoder."""
+    return {f"{stage}.{term}": weight for stage in ("train_encoder", "train_joint")
+            for term, weight in (("diversity_weight", diversity), ("chunk_anchor_weight", chunk_anchor))}
+
+
+PAPER_LOSS = term_weights(0.0, 0.0)
 # name -> overrides of params.yaml (dotted keys); the encoder-only stage's rows come from --encoder-rows
 CONFIGS: dict[str, dict[str, object]] = {
-    "diversity 0.05 in both, encoder lr 1e-3 (the default)": {},
-    "diversity 0.05 in train_joint only": {"train_encoder.diversity_weight": 0.0},
-    "paper's L_sup, encoder lr 1e-3": {"train_encoder.diversity_weight": 0.0, "train_joint.diversity_weight": 0.0},
-    "paper's L_sup, encoder lr 1e-4": {"train_encoder.train.lr": 1e-4, "train_encoder.diversity_weight": 0.0,
-                                       "train_joint.diversity_weight": 0.0},
-    "paper's L_sup, encoder lr 1e-3, T = 4": {"latent.temperature": 4.0, "train_encoder.diversity_weight": 0.0,
-                                              "train_joint.diversity_weight": 0.0},
+    "chunk anchor 0.1 and diversity 0.05 in both (the default)": {},
+    "chunk anchor 0.1 in both, no diversity": term_weights(0.0, 0.1),
+    "diversity 0.05 in both, encoder lr 1e-3": term_weights(0.05, 0.0),
+    "diversity 0.05 in train_joint only": {**term_weights(0.05, 0.0), "train_encoder.diversity_weight": 0.0},
+    "paper's L_sup, encoder lr 1e-3": PAPER_LOSS,
+    "paper's L_sup, encoder lr 1e-4": {"train_encoder.train.lr": 1e-4, **PAPER_LOSS},
+    "paper's L_sup, encoder lr 1e-3, T = 4": {"latent.temperature": 4.0, **PAPER_LOSS},
 }
 
 
@@ -51,9 +61,16 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def result_path(name: str, encoder_rows: int, seed: int, threads: int, results_dir: Path = RESULTS_DIR) -> Path:
-    """One run's file; torch's thread count is part of it: the floating-point path changes where phase 1 lands."""
-    return results_dir / f"{slug(name)}-rows{encoder_rows}-seed{seed}-threads{threads}.json"
+def base_model_digest(model_dir: Path = paths.BASE_MODEL_DIR) -> str:
+    """The first 8 hex digits of the SHA-256 of the base model's weights: which base model a run started from."""
+    return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()[:8]
+
+
+def result_path(name: str, encoder_rows: int, seed: int, threads: int, base: str,
+                results_dir: Path = RESULTS_DIR) -> Path:
+    """One run's file; torch's thread count and the base model are part of it: the floating-point path and the
+    base model (retrained whenever the code on its path changes) move where phase 1 lands."""
+    return results_dir / f"{slug(name)}-rows{encoder_rows}-seed{seed}-threads{threads}-base{base}.json"
 
 
 def configured(params: Params, overrides: dict[str, object], encoder_rows: int, seed: int) -> Params:
@@ -83,25 +100,27 @@ def run_config(params: Params) -> dict:
     return result
 
 
-def kept_results(encoder_rows: int, results_dir: Path = RESULTS_DIR) -> dict[str, dict[tuple[int, str], dict]]:
-    """configuration -> (seed, torch threads) -> stages, for every kept run of a known configuration at
-    ``encoder_rows`` (threads "?" for runs that did not record them)."""
-    kept: dict[str, dict[tuple[int, str], dict]] = {}
+def kept_results(encoder_rows: int, results_dir: Path = RESULTS_DIR) -> dict[str, dict[tuple[str, int, str], dict]]:
+    """configuration -> (base model, seed, torch threads) -> stages, for every kept run of a known configuration at
+    ``encoder_rows`` (threads "?" for runs that did not record them; base "–" for runs before it was recorded)."""
+    kept: dict[str, dict[tuple[str, int, str], dict]] = {}
     for name in CONFIGS:
         for seed_file in sorted(results_dir.glob(f"{slug(name)}-rows{encoder_rows}-seed*.json")):
             stored = json.loads(seed_file.read_text())
-            kept.setdefault(name, {})[(stored["seed"], str(stored.get("torch_threads", "?")))] = stored["stages"]
+            key = (stored.get("base_model", "–"), stored["seed"], str(stored.get("torch_threads", "?")))
+            kept.setdefault(name, {})[key] = stored["stages"]
     return kept
 
 
-def table(results: dict[str, dict[tuple[int, str], dict]]) -> str:
-    head = "| configuration | seed | threads | stage | val L_sup | distinct top-1 | chunk mass | entropy | collapsed |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+def table(results: dict[str, dict[tuple[str, int, str], dict]]) -> str:
+    head = ("| configuration | base model | seed | threads | stage | val L_sup | distinct top-1 | chunk mass | entropy "
+            "| collapsed |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
-        for (seed, threads), stages in sorted(runs.items()):
+        for (base, seed, threads), stages in sorted(runs.items()):
             for stage in SHOWN_STAGES:
                 values = stages[stage]
-                lines.append(f"| {name} | {seed} | {threads} | {stage} | {values['best_val_loss']:.3f} | "
+                lines.append(f"| {name} | {base} | {seed} | {threads} | {stage} | {values['best_val_loss']:.3f} | "
                              f"{values['distinct_top1']} | {values['chunk_mass']:.3f} | {values['mean_entropy']:.2f} | "
                              f"{'**yes**' if values['collapsed'] else 'no'} |")
     return "\n".join(lines)
@@ -123,21 +142,22 @@ def main() -> None:
 
 `python -m bench.phase1_collapse --encoder-rows {rows} --seeds ...` ({machine_line()}): the three phase-1
 trainings of the default params with the configuration's overrides and the encoder-only stage on {rows:,} rows
-(the default: 6,400), on the workspace's base model (base model seed {params.base.seed}; the phase-1 seed per
-row). Per stage, the best validation L_sup and the collapse guard's statistics of the encoder's alpha on the
+(the default: 6,400), on the workspace's base model (named by the first 8 hex digits of its weights' SHA-256;
+"–": the base model of 2026-12-01, before this was recorded; the phase-1 seed per row). Per stage, the best validation L_sup and the collapse guard's statistics of the encoder's alpha on the
 validation rows (`latent_sft_core/latent_health.py`); train_decoder's latents are train_encoder's.
 
 {table(kept_results(rows))}
 """)
 
+    base = base_model_digest()
     for seed in args.seeds:
         for name, overrides in configs.items():
-            stored = result_path(name, rows, seed, torch.get_num_threads())
+            stored = result_path(name, rows, seed, torch.get_num_threads(), base)
             if stored.is_file():
                 continue
             began = time.perf_counter()
             stages = run_config(configured(params, overrides, rows, seed))
-            write_json(stored, {"overrides": overrides, "encoder_rows": rows, "seed": seed,
+            write_json(stored, {"overrides": overrides, "encoder_rows": rows, "seed": seed, "base_model": base,
                                 "machine": machine_line(), "torch_threads": torch.get_num_threads(),
                                 "minutes": round((time.perf_counter() - began) / 60, 1), "stages": stages})
             write_table()

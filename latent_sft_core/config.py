@@ -327,6 +327,11 @@ class Stage1Params(Strict):
         description="ours: training loss L_sup - weight * entropy of the batch's mean alpha, against a collapse "
         "onto a few tokens; 0 = the paper's L_sup (phase1_model.Stage1Model)",
     )
+    chunk_anchor_weight: float = Field(
+        default=0.0, ge=0,
+        description="ours: training loss L_sup + weight * mean over latents of -log P(the latent's own chunk) under "
+        "the encoder's full-vocabulary softmax, against latents drifting off their chunk; 0 = the paper's L_sup",
+    )
 
     @model_validator(mode="after")
     def _zero3_cannot_shard_phase1(self) -> Stage1Params:
@@ -518,12 +523,15 @@ class Params(Strict):
     base_model: BaseModelParams = BaseModelParams()
     latent: LatentParams = LatentParams()
     collapse_guard: CollapseGuardParams = CollapseGuardParams()
-    # both trainings of the encoder can pull every latent onto a few tokens, depending on the seed and the
-    # floating-point path; the diversity term (ours) keeps them out of that basin (BENCHMARKS.md, "Phase-1 collapse")
-    train_encoder: Stage1Params = Stage1Params(encoder_lora=ENCODER_LORA, max_train_rows=6400, diversity_weight=0.05)
+    # both trainings of the encoder can pull every latent onto a few tokens or off its chunk, depending on the
+    # seed, the base model and the floating-point path; the diversity and chunk-anchor terms (ours) keep them out of
+    # those basins (BENCHMARKS.md, "Phase-1 collapse")
+    train_encoder: Stage1Params = Stage1Params(encoder_lora=ENCODER_LORA, max_train_rows=6400, diversity_weight=0.05,
+                                               chunk_anchor_weight=0.1)
     train_decoder: Stage1Params = Stage1Params(decoder_lora=LoraParams(), max_train_rows=6400)
     train_joint: Stage1Params = Stage1Params(
-        encoder_lora=ENCODER_LORA, decoder_lora=LoraParams(), max_train_rows=12800, diversity_weight=0.05
+        encoder_lora=ENCODER_LORA, decoder_lora=LoraParams(), max_train_rows=12800, diversity_weight=0.05,
+        chunk_anchor_weight=0.1,
     )
     cache_soft_labels: CacheSoftLabelsParams = CacheSoftLabelsParams()
     train_latent: TrainLatentParams = TrainLatentParams()
@@ -547,11 +555,12 @@ class Params(Strict):
             if (section.encoder_lora is not None, section.decoder_lora is not None) != (encoder, decoder):
                 wanted = " and ".join(n for n, on in (("encoder_lora", encoder), ("decoder_lora", decoder)) if on)
                 raise ValueError(f"{name} trains exactly {wanted}: set {wanted} and leave the other null")
-        pointless = [f"{name}.diversity_weight" for name in expected if getattr(self, name).diversity_weight and (
-            getattr(self, name).encoder_lora is None or self.latent.kind != "soft_embedding")]
+        pointless = [f"{name}.{term}" for name in expected for term in ("diversity_weight", "chunk_anchor_weight")
+                     if getattr(getattr(self, name), term) and (
+                         getattr(self, name).encoder_lora is None or self.latent.kind != "soft_embedding")]
         if pointless:
-            raise ValueError(f"{', '.join(pointless)}: the diversity term acts on the alpha of a trained encoder "
-                             "(encoder_lora set, latent.kind 'soft_embedding'); set it to 0")
+            raise ValueError(f"{', '.join(pointless)}: the diversity and chunk-anchor terms act on the alpha of a "
+                             "trained encoder (encoder_lora set, latent.kind 'soft_embedding'); set each to 0")
         return self
 
     @model_validator(mode="after")

@@ -120,6 +120,36 @@ def alpha_marginal_entropy(alpha: SparseAlpha, vocab_size: int) -> torch.Tensor:
     return -torch.xlogy(mean, mean).sum()
 
 
+def chunk_anchor_loss(
+    logits: torch.Tensor, input_ids: torch.Tensor, roles: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Ours: mean over latents of ``-log P(own chunk)``, P the full-vocabulary softmax of ``logits / temperature``
+    summed over the distinct tokens of the latent's chunk (fp32 scalar; 0 for a batch without latents or chunks).
+
+    logits [M, V]: the encoder's vocabulary logits at the M LATENT positions of the batch, sample by sample, slot
+    by slot; input_ids, roles [B, T]: the encoder batch, where the CHUNK tokens after latent i-1 (or the prompt)
+    and before latent i are latent i's chunk. The full softmax, not the top-k alpha, so that a chunk token outside
+    the top k still receives a gradient. It keeps a latent a superposition of its own chunk's tokens, which is
+    what the induction mask is meant to give and what a collapse loses.
+    """
+    is_latent = roles == Role.LATENT
+    count = int(is_latent.sum())
+    if count != logits.shape[0]:
+        raise ValueError(f"{count} latent positions in the encoder batch but {logits.shape[0]} rows of logits")
+    if count == 0:
+        return logits.float().sum() * 0.0
+    per_sample = is_latent.sum(1)
+    first = torch.cumsum(per_sample, 0) - per_sample  # [B]: the flat index of each sample's first latent
+    owner = first[:, None] + torch.cumsum(is_latent, 1) - is_latent.long()  # [B, T]: the latent a position precedes
+    in_chunk = (roles == Role.CHUNK) & (owner < (first + per_sample)[:, None])
+    membership = torch.zeros_like(logits, dtype=torch.bool)
+    membership[owner[in_chunk], input_ids[in_chunk]] = True
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    has_chunk = membership.any(-1)  # a latent whose chunk is empty has nothing to anchor to
+    chunk_log_mass = log_probs[has_chunk].masked_fill(~membership[has_chunk], float("-inf")).logsumexp(-1)
+    return -chunk_log_mass.sum() / has_chunk.sum().clamp(min=1)
+
+
 def latent_kl(
     logits: torch.Tensor | PositionLogits, slot_mask: torch.Tensor, teacher_ids: torch.Tensor | None, teacher_probs: torch.Tensor,
     temperature: float = 1.0,

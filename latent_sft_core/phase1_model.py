@@ -7,8 +7,9 @@ Per batch there is exactly one encoder forward and one decoder forward:
    (or h_i itself for the hidden-state ablation);
 2. decoder over ``[prompt, <think>, Z_1, S_2, ..., Z_N, </think>, answer, end]`` with the supervision mask
    (LTSuM) and dual-track positions; the Z's replace the input embeddings at its LATENT positions;
-3. L_sup = token-mean NLL of the chunk tokens and the answer side; with ``diversity_weight`` > 0 (ours, training
-   only) the loss is ``L_sup - diversity_weight * H(batch-mean alpha)`` (``losses.alpha_marginal_entropy``).
+3. L_sup = token-mean NLL of the chunk tokens and the answer side; two terms of ours, training only, can be
+   added: ``- diversity_weight * H(batch-mean alpha)`` (``losses.alpha_marginal_entropy``) and
+   ``+ chunk_anchor_weight * mean -log P(own chunk)`` (``losses.chunk_anchor_loss``).
    Validation (checkpoint choice) is always L_sup alone.
 
 Both sequences of a sample carry the same N latents in the same order, so scattering is one boolean-mask
@@ -30,7 +31,13 @@ from latent_sft_core.config import LatentParams
 from latent_sft_core.distributed import gathered_in_order
 from latent_sft_core.errors import loud_warning
 from latent_sft_core.layout import TokenSequence, decoder_sequence, encoder_sequence, labels_from_roles, pad_sequences
-from latent_sft_core.losses import PositionLogits, alpha_marginal_entropy, loss_positions, supervision_loss
+from latent_sft_core.losses import (
+    PositionLogits,
+    alpha_marginal_entropy,
+    chunk_anchor_loss,
+    loss_positions,
+    supervision_loss,
+)
 from latent_sft_core.masks import Role, attention_bias, decoder_mask, encoder_mask
 from latent_sft_core.modeling import logits_only_at
 from latent_sft_core.soft_embedding import SparseAlpha, alpha_from_logits, mix_embeddings, vocabulary_logits
@@ -74,6 +81,7 @@ class EncodedLatents:
     hidden: torch.Tensor  # [M, d] final hidden states at the LATENT positions
     alpha: SparseAlpha | None  # [M, k] (None for the hidden-state ablation)
     inputs: torch.Tensor  # [M, d] what the decoder receives: Z = alpha @ E, or h
+    logits: torch.Tensor | None = None  # [M, V] the vocabulary logits alpha comes from (None: hidden-state ablation)
 
 
 def encode_latents(
@@ -89,7 +97,7 @@ def encode_latents(
         return EncodedLatents(hidden=latent_hidden, alpha=None, inputs=latent_hidden)
     logits = vocabulary_logits(latent_hidden, output_projection(decoder, latent))
     alpha = alpha_from_logits(logits, None if latent.full_vocab else top_k, latent.temperature)
-    return EncodedLatents(hidden=latent_hidden, alpha=alpha, inputs=mix_embeddings(alpha, embeddings))
+    return EncodedLatents(hidden=latent_hidden, alpha=alpha, inputs=mix_embeddings(alpha, embeddings), logits=logits)
 
 
 @torch.no_grad()
@@ -125,7 +133,7 @@ class Stage1Model(nn.Module):
 
     def __init__(
         self, encoder: PreTrainedModel, decoder: PreTrainedModel, latent: LatentParams, top_k: int,
-        diversity_weight: float = 0.0,
+        diversity_weight: float = 0.0, chunk_anchor_weight: float = 0.0,
     ):
         super().__init__()
         self.encoder = encoder
@@ -133,6 +141,7 @@ class Stage1Model(nn.Module):
         self.latent = latent
         self.top_k = top_k
         self.diversity_weight = diversity_weight
+        self.chunk_anchor_weight = chunk_anchor_weight
 
     def forward(
         self,
@@ -153,12 +162,18 @@ class Stage1Model(nn.Module):
                 inputs_embeds=embeds, attention_mask=bias, position_ids=position_ids, use_cache=False
             ).logits
         losses = supervision_loss(PositionLogits(logits, positions), labels, roles)
-        if not (self.training and self.diversity_weight and latents.alpha is not None):
+        if not self.training or latents.alpha is None:
             return losses
-        vocab_size = self.decoder.get_input_embeddings().num_embeddings
-        diversity_loss = -alpha_marginal_entropy(latents.alpha, vocab_size)
-        return {**losses, "loss": losses["loss"] + self.diversity_weight * diversity_loss,
-                "diversity_loss": diversity_loss.detach()}
+        if self.diversity_weight:
+            vocab_size = self.decoder.get_input_embeddings().num_embeddings
+            diversity_loss = -alpha_marginal_entropy(latents.alpha, vocab_size)
+            losses = {**losses, "loss": losses["loss"] + self.diversity_weight * diversity_loss,
+                      "diversity_loss": diversity_loss.detach()}
+        if self.chunk_anchor_weight:
+            anchor_loss = chunk_anchor_loss(latents.logits, encoder_input_ids, encoder_roles, self.latent.temperature)
+            losses = {**losses, "loss": losses["loss"] + self.chunk_anchor_weight * anchor_loss,
+                      "chunk_anchor_loss": anchor_loss.detach()}
+        return losses
 
 
 @dataclass(frozen=True)

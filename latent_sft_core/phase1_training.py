@@ -142,7 +142,8 @@ def train_stage1(
         raise DataError(f"{chunked / 'val.parquet'}: the validation split is empty; phase 1 selects checkpoints on it")
     encoder, decoder = stage1_models(params, stage, inputs)
     check_top_k(params, encoder.get_input_embeddings().weight.shape[0], inputs.base_dir)  # peft wraps the module
-    model = Stage1Model(encoder, decoder, params.latent, params.base.top_k, section.diversity_weight)
+    model = Stage1Model(encoder, decoder, params.latent, params.base.top_k, section.diversity_weight,
+                        section.chunk_anchor_weight)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("%s: %d trainable parameters, %d train / %d validation rows", stage, trainable, len(train), len(val))
 

@@ -14,7 +14,7 @@ from latent_sft_core.chunking import read_chunked
 from latent_sft_core.config import LatentParams
 from latent_sft_core.errors import ArtifactError
 from latent_sft_core.latent_health import measure_encoder_health
-from latent_sft_core.losses import alpha_marginal_entropy
+from latent_sft_core.losses import alpha_marginal_entropy, chunk_anchor_loss
 from latent_sft_core.masks import Role
 from latent_sft_core.modeling import load_pretrained_model, merged
 from latent_sft_core.phase1_model import (
@@ -177,26 +177,30 @@ def test_latent_slots_receive_the_encoder_latents_in_order(micro_run):
         assert torch.isfinite(loss)
 
 
-def test_diversity_term_is_added_in_training_only(micro_run):
-    """Ours: training loss = L_sup - weight * H(batch-mean alpha); validation (checkpoint choice) is L_sup alone."""
+def test_diversity_and_chunk_anchor_terms_are_added_in_training_only(micro_run):
+    """Ours: training loss = L_sup - w_d * H(batch-mean alpha) + w_a * mean -log P(own chunk); validation
+    (checkpoint choice) is L_sup alone."""
     root, params, _ = micro_run
     batch = batch_of(root, params, rows=3)
     base = load_pretrained_model(root / "base")
     plain = Stage1Model(base, base, params.latent, params.base.top_k)
-    diverse = Stage1Model(base, base, params.latent, params.base.top_k, diversity_weight=0.5)
+    both = Stage1Model(base, base, params.latent, params.base.top_k, diversity_weight=0.5, chunk_anchor_weight=0.25)
     with torch.no_grad():
         sup = plain(**batch)
-        trained = diverse(**batch)
+        trained = both(**batch)
         encoded = encode_latents(base, base, params.latent, params.base.top_k, batch["encoder_input_ids"],
                                  batch["encoder_roles"])
         entropy = alpha_marginal_entropy(encoded.alpha, base.config.vocab_size)
-        diverse.eval()
-        validated = diverse(**batch)
-    assert float(entropy) > 0
+        anchor = chunk_anchor_loss(encoded.logits, batch["encoder_input_ids"], batch["encoder_roles"])
+        both.eval()
+        validated = both(**batch)
+    assert float(entropy) > 0 and float(anchor) > 0
+    assert encoded.logits.shape == (encoded.alpha.probs.shape[0], base.config.vocab_size)
     torch.testing.assert_close(trained["diversity_loss"], -entropy)
-    torch.testing.assert_close(trained["loss"], sup["loss"] - 0.5 * entropy)
+    torch.testing.assert_close(trained["chunk_anchor_loss"], anchor)
+    torch.testing.assert_close(trained["loss"], sup["loss"] - 0.5 * entropy + 0.25 * anchor)
     torch.testing.assert_close(validated["loss"], sup["loss"])
-    assert "diversity_loss" not in validated and "diversity_loss" not in sup
+    assert not {"diversity_loss", "chunk_anchor_loss"} & (set(validated) | set(sup))
 
 
 def test_latent_count_mismatch_is_refused(micro_run):

@@ -71,10 +71,14 @@ def test_bad_choice_lists_allowed_values():
         ({"evaluate": {"ecr_k": [1, 200]}}, "ecr_k values must be in 1..analysis_top_k (100)"),
         ({"evaluate": {"models": ["cot_sft", "cot_sft"]}}, "models lists a model twice"),
         ({"train_decoder": {"decoder_lora": {}, "diversity_weight": 0.1}},
-         "train_decoder.diversity_weight: the diversity term acts on the alpha of a trained encoder"),
+         "train_decoder.diversity_weight: the diversity and chunk-anchor terms act on the alpha of a trained encoder"),
+        ({"train_decoder": {"decoder_lora": {}, "chunk_anchor_weight": 0.1}},
+         "train_decoder.chunk_anchor_weight: the diversity and chunk-anchor terms act on the alpha"),
         ({"latent": {"kind": "hidden_state"}},
-         "train_encoder.diversity_weight, train_joint.diversity_weight: the diversity term acts on the alpha"),
+         "train_encoder.diversity_weight, train_encoder.chunk_anchor_weight, train_joint.diversity_weight, "
+         "train_joint.chunk_anchor_weight: the diversity and chunk-anchor terms act"),
         ({"train_joint": {"diversity_weight": -0.1}}, "train_joint.diversity_weight"),
+        ({"train_joint": {"chunk_anchor_weight": -0.1}}, "train_joint.chunk_anchor_weight"),
     ],
 )
 def test_bad_values_name_the_key(section, expected):

@@ -6,6 +6,7 @@ import torch
 from latent_sft_core.layout import IGNORE_INDEX
 from latent_sft_core.losses import (
     alpha_marginal_entropy,
+    chunk_anchor_loss,
     latent_kl,
     latent_mse,
     stage2_losses,
@@ -151,6 +152,38 @@ def test_alpha_marginal_entropy_of_the_batch_mean_against_hand_computed_values()
     assert float(alpha_marginal_entropy(apart, 6)) == pytest.approx(math.log(4), abs=1e-6)
     empty = SparseAlpha(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
     assert float(alpha_marginal_entropy(empty, 6)) == 0.0
+
+
+P, C, L, A = Role.PROMPT, Role.CHUNK, Role.LATENT, Role.ANSWER
+
+
+def test_chunk_anchor_loss_against_hand_computed_values():
+    # two samples of the encoder batch, vocabulary 5: sample 0 = [prompt 4, chunk 1 2, latent, chunk 3 3, latent,
+    # </think>], sample 1 = [prompt 4, chunk 0, latent, pad...]; latents in order: (0, 0) chunk {1, 2},
+    # (0, 1) chunk {3} (counted once), (1, 0) chunk {0}
+    input_ids = torch.tensor([[4, 1, 2, 9, 3, 3, 9, 4], [4, 0, 9, 0, 0, 0, 0, 0]])
+    roles = torch.tensor([[P, C, C, L, C, C, L, A], [P, C, L, 0, 0, 0, 0, 0]])
+    probs = torch.tensor([[0.1, 0.3, 0.2, 0.3, 0.1], [0.2, 0.2, 0.2, 0.2, 0.2], [0.05, 0.8, 0.05, 0.05, 0.05]])
+    expected = -(math.log(0.5) + math.log(0.2) + math.log(0.05)) / 3
+    assert float(chunk_anchor_loss(probs.log(), input_ids, roles)) == pytest.approx(expected, abs=1e-6)
+    # at temperature 2 the softmax is of logits / 2: sqrt of the probabilities, renormalised
+    soft = probs.sqrt() / probs.sqrt().sum(-1, keepdim=True)
+    expected_soft = -(soft[0, 1:3].sum().log() + soft[1, 3].log() + soft[2, 0].log()) / 3
+    assert float(chunk_anchor_loss(probs.log(), input_ids, roles, 2.0)) == pytest.approx(float(expected_soft), abs=1e-6)
+    # all the mass on the own chunk: 0
+    on_chunk = torch.tensor([[-30.0, 0.0, 0.0, -30.0, -30.0], [-30.0] * 3 + [0.0, -30.0], [0.0] + [-30.0] * 4])
+    assert float(chunk_anchor_loss(on_chunk, input_ids, roles)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="3 latent positions .* 2 rows"):
+        chunk_anchor_loss(probs[:2].log(), input_ids, roles)
+    no_latents = torch.tensor([[P, C, A]])
+    assert float(chunk_anchor_loss(torch.zeros(0, 5), torch.tensor([[4, 1, 2]]), no_latents)) == 0.0
+
+
+def test_chunk_anchor_loss_gradient_raises_the_chunk_outside_the_top_k():
+    """Descent moves logit mass onto the latent's own chunk, even onto a token the top-k alpha would not hold."""
+    logits = torch.tensor([[5.0, 4.0, -3.0, 0.0]], requires_grad=True)  # chunk token 2 is the least likely
+    chunk_anchor_loss(logits, torch.tensor([[2, 9]]), torch.tensor([[C, L]])).backward()
+    assert logits.grad[0, 2] < 0 and (logits.grad[0, [0, 1, 3]] > 0).all()
 
 
 def test_alpha_marginal_entropy_gradient_spreads_a_shared_token():
