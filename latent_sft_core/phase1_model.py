@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -111,7 +111,10 @@ def encode_rows(
     def encode(batch: Sequence[ChunkedRow]) -> EncodedLatents:
         padded = pad_sequences([encoder_sequence(row, ids) for row in batch], ids.pad)
         device = encoder.get_input_embeddings().weight.device
-        return encode_latents(encoder, decoder, latent, top_k, padded["input_ids"].to(device), padded["roles"].to(device))
+        latents = encode_latents(encoder, decoder, latent, top_k, padded["input_ids"].to(device),
+                                 padded["roles"].to(device))
+        # the [M, V] logits serve only the training loss: not kept per batch, nor gathered between processes
+        return replace(latents, logits=None)
 
     yield from gathered_in_order([rows[start : start + batch_size] for start in range(0, len(rows), batch_size)],
                                  encode)
