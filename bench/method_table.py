@@ -158,10 +158,11 @@ def run_once(row: str, seed: int, overrides: list[str], params_path: Path) -> Ru
     return run_experiment(f"{row} seed{seed}", [*overrides, f"base.seed={seed}"])
 
 
-def restamp(results_dir: Path, fingerprints: dict[str, str], reason: str) -> None:
-    """Give every kept run made with another fingerprint the current one, recording the old one and ``reason``."""
+def restamp(results_dir: Path, fingerprints: dict[str, str], previous: dict[str, str], reason: str) -> None:
+    """Give every kept run made with the ``previous`` params (its row's fingerprint there) the current fingerprint,
+    recording the old one and ``reason``. Runs made with any other params stay stale."""
     for (row, seed), result in load_results(results_dir, list(fingerprints)).items():
-        if result["fingerprint"] == fingerprints[row]:
+        if result["fingerprint"] == fingerprints[row] or result["fingerprint"] != previous[row]:
             continue
         record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "fingerprint": result["fingerprint"],
                   "reason": reason}
@@ -394,7 +395,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--restamp", metavar="REASON",
                         help="the params file changed in a way that does not affect the kept runs (e.g. keys only "
                              "other model sources read): give them the current fingerprint, REASON recorded in each "
-                             "and named under the table")
+                             "and named under the table (only the runs made with --restamp-from's params)")
+    parser.add_argument("--restamp-from", type=Path, metavar="OLD_PARAMS",
+                        help="with --restamp: the params file before the change (e.g. from `git show`)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--benchmarks-md", type=Path, default=BENCHMARKS_MD)
     args = parser.parse_args(argv)
@@ -403,6 +406,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [name for name in variants if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    if bool(args.restamp) != bool(args.restamp_from):
+        parser.error("--restamp and --restamp-from go together: the runs made with the old params are re-stamped")
 
     rows = all_rows()
     params_text = args.params.read_text()
@@ -427,7 +432,9 @@ def main(argv: list[str] | None = None) -> None:
         return left
 
     if args.restamp:
-        restamp(args.results_dir, fingerprints, args.restamp)
+        previous_text = args.restamp_from.read_text()
+        restamp(args.results_dir, fingerprints,
+                {row: fingerprint(overrides, previous_text) for row, overrides in rows.items()}, args.restamp)
     for row, seed in plan:
         kept = load_results(args.results_dir, [row]).get((row, seed))
         if kept is not None and (args.keep_stale or current(row, kept)):

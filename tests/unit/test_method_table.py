@@ -115,11 +115,19 @@ def test_c_a_run_with_another_fingerprint_is_rerun_unless_kept(bench, capsys):
 def test_c_restamp_keeps_runs_across_a_params_change_that_does_not_touch_them(bench, capsys):
     bench.run("--seeds", "0", "--no-nocot", "--variants", "Latent-SFT(2)")
     before = stored(bench, "Latent-SFT(2)", 0)
+    old_params = bench.params.with_name("old-params.yaml")
+    old_params.write_text(bench.params.read_text())
     bench.params.write_text("base:\n  seed: 0\n  model: {gguf_file: null}\n")  # a key only another source reads
+    stale = method_table.result_path(bench.results, "Latent-SFT(2)", 1)  # made with yet other params
+    stale.write_text(json.dumps({**before, "seed": 1, "fingerprint": "other params"}))
     bench.calls.clear()
 
-    bench.run("--seeds", "0", "--no-nocot", "--variants", "Latent-SFT(2)", "--restamp", "new model-source keys")
+    with pytest.raises(SystemExit):
+        bench.run("--seeds", "0", "--no-nocot", "--variants", "Latent-SFT(2)", "--restamp", "new model-source keys")
+    bench.run("--seeds", "0", "--no-nocot", "--variants", "Latent-SFT(2)", "--restamp", "new model-source keys",
+              "--restamp-from", str(old_params))
     assert bench.calls == []
+    assert json.loads(stale.read_text())["fingerprint"] == "other params"  # not made with the old params: stale
     after = stored(bench, "Latent-SFT(2)", 0)
     assert after["fingerprint"] == method_table.fingerprint(["base.compression_rate=2"], bench.params.read_text())
     assert after["restamped"] == [{"date": after["restamped"][0]["date"], "fingerprint": before["fingerprint"],
