@@ -220,11 +220,18 @@ class DeepSpeedParams(Strict):
     zero_stage: Literal[2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = Field(default=False, description="ZeRO-3 only")
+    persistence_threshold: int | None = Field(
+        default=None, ge=0,
+        description="ZeRO-3 only: parameters of fewer elements stay whole on every process instead of partitioned "
+        "(DeepSpeed's stage3_param_persistence_threshold); null: DeepSpeed's default, 1e5",
+    )
 
     @model_validator(mode="after")
-    def _offload_params_needs_zero3(self) -> DeepSpeedParams:
-        if self.offload_params and self.zero_stage != 3:
-            raise ValueError("offload_params needs zero_stage 3")
+    def _zero3_options_need_zero3(self) -> DeepSpeedParams:
+        chosen = {"offload_params": self.offload_params, "persistence_threshold": self.persistence_threshold is not None}
+        for name, set_here in chosen.items():
+            if set_here and self.zero_stage != 3:
+                raise ValueError(f"{name} needs zero_stage 3")
         return self
 
 
@@ -332,15 +339,6 @@ class Stage1Params(Strict):
         description="ours: training loss L_sup + weight * mean over latents of -log P(the latent's own chunk) under "
         "the encoder's full-vocabulary softmax, against latents drifting off their chunk; 0 = the paper's L_sup",
     )
-
-    @model_validator(mode="after")
-    def _zero3_cannot_shard_phase1(self) -> Stage1Params:
-        if self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
-            # alpha multiplies the whole embedding matrix, read as a tensor outside any module's forward, where
-            # ZeRO-3 leaves each process only its partition
-            raise ValueError("deepspeed.zero_stage 3 cannot run phase 1 (it reads the embedding matrix whole for "
-                             "alpha); use zero_stage 2, which shards the adapters' optimizer state and gradients")
-        return self
 
 
 ENCODER_LORA = LoraParams(targets=(*DEFAULT_LORA_TARGETS, "embed_tokens"))  # embed_tokens: the new latent row

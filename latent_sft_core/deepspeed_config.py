@@ -29,6 +29,8 @@ def deepspeed_config(params: DeepSpeedParams, bf16: bool = False, hidden_size: i
         zero["stage3_gather_16bit_weights_on_model_save"] = True
         if params.offload_params:
             zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+        if params.persistence_threshold is not None:
+            zero["stage3_param_persistence_threshold"] = params.persistence_threshold
     config = {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",

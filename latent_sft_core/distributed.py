@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +142,27 @@ def gathered_in_order(items: Sequence[Item], compute: Callable[[Item], Result]) 
         dist.all_gather_object(gathered, result)
         for offset, value in enumerate(gathered[: len(items) - start]):
             yield items[start + offset], value
+
+
+def partitioned(parameters: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """The parameters DeepSpeed ZeRO-3 has partitioned among the processes (each holds only its share of them
+    outside the forward and backward of the module that owns them)."""
+    return [parameter for parameter in parameters if hasattr(parameter, "ds_id")]
+
+
+@contextmanager
+def whole_parameters(parameters: Iterable[torch.nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Within the block, ``parameters`` are whole on every process. Under ZeRO-3 they are gathered from every
+    process on entry, a collective: every process enters the block. ``modifier_rank``: the process whose changes to
+    them are kept on exit (None: they are read only); without ZeRO-3 nothing needs doing."""
+    sharded = partitioned(parameters)
+    if not sharded:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=modifier_rank):
+        yield
 
 
 def extension_build_locks() -> list[Path]:

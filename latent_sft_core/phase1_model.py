@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 
 from latent_sft_core.chunking import ChunkedRow
 from latent_sft_core.config import LatentParams
-from latent_sft_core.distributed import gathered_in_order
+from latent_sft_core.distributed import gathered_in_order, partitioned, whole_parameters
 from latent_sft_core.errors import loud_warning
 from latent_sft_core.layout import TokenSequence, decoder_sequence, encoder_sequence, labels_from_roles, pad_sequences
 from latent_sft_core.losses import (
@@ -74,6 +74,15 @@ def output_projection(decoder: nn.Module, latent: LatentParams) -> torch.Tensor:
     return decoder.get_input_embeddings().weight
 
 
+def vocabulary_weights(decoder: nn.Module, latent: LatentParams) -> list[nn.Parameter]:
+    """The decoder's matrices phase 1 reads as whole tensors, not through their modules: the input embeddings E
+    (Z = alpha @ E) and alpha's output projection (once when they are one tied matrix). Under ZeRO-3, within a
+    forward DeepSpeed's parameter getter gathers them for the running module; outside one (``encode_rows``, the
+    health pass) they must be gathered explicitly."""
+    weights = (decoder.get_input_embeddings().weight, output_projection(decoder, latent))
+    return list({id(weight): weight for weight in weights}.values())
+
+
 @dataclass(frozen=True)
 class EncodedLatents:
     """The encoder's latents of a batch, flattened in (sample, step) order: M = total latents."""
@@ -106,7 +115,8 @@ def encode_rows(
     ids: SpecialIds, batch_size: int,
 ) -> Iterator[tuple[Sequence[ChunkedRow], EncodedLatents]]:
     """The encoder's latents of ``rows`` (their gold chains), ``batch_size`` rows per packed forward; under several
-    processes the batches are shared out and every process receives all of them, in order (``distributed``)."""
+    processes the batches are shared out and every process receives all of them, in order (``distributed``). Every
+    process must consume the whole iterator (under ZeRO-3 it gathers weights, a collective)."""
 
     def encode(batch: Sequence[ChunkedRow]) -> EncodedLatents:
         padded = pad_sequences([encoder_sequence(row, ids) for row in batch], ids.pad)
@@ -116,8 +126,15 @@ def encode_rows(
         # the [M, V] logits serve only the training loss: not kept per batch, nor gathered between processes
         return replace(latents, logits=None)
 
-    yield from gathered_in_order([rows[start : start + batch_size] for start in range(0, len(rows), batch_size)],
-                                 encode)
+    batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+    with whole_parameters(vocabulary_weights(decoder, latent)):
+        if partitioned(encoder.parameters()):
+            # ZeRO-3 (phase 1's health pass): every module's forward gathers its weights from all processes, a
+            # collective, so each process encodes every batch rather than its share
+            for batch in batches:
+                yield batch, encode(batch)
+        else:
+            yield from gathered_in_order(batches, encode)
 
 
 def embed_with_latents(decoder: nn.Module, input_ids: torch.Tensor, roles: torch.Tensor, latents: torch.Tensor):

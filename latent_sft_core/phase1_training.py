@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from peft.utils.constants import EMBEDDING_LAYER_NAMES
+from torch import nn
 from transformers import PreTrainedModel, TrainerCallback
 
 from latent_sft_core.chunking import read_chunked
 from latent_sft_core.config import Params, check_top_k
-from latent_sft_core.distributed import World
+from latent_sft_core.distributed import World, whole_parameters
 from latent_sft_core.errors import ArtifactError, DataError
 from latent_sft_core.io import atomic_dir, atomic_outputs, write_json
 from latent_sft_core.latent_health import measure_encoder_health, report_health
@@ -169,20 +171,30 @@ def train_stage1(
         metrics["latent_health_by_step"] = {step: trace_entry(health) for step, health in traced.items()}
     # the best checkpoint's latents on the validation rows: a collapse must show here, not three stages later
     health = traced.get(str(result.best_checkpoint_step)) or measure_health()
-    if not World.from_environment().is_main:
-        return None
-    if health is not None:
-        report_health(f"{stage} (validation)", health, params.collapse_guard)
-        metrics["latent_health"] = health
-    with atomic_outputs() as outputs:
-        adapters = outputs.folder(out_dir)
-        for name, part, lora in ((ENCODER, encoder, section.encoder_lora), (DECODER, decoder, section.decoder_lora)):
-            if lora is not None:
-                part.save_pretrained(str(adapters / name))
-        write_json(outputs.path(metrics_path), metrics)
-        write_loss_curve(outputs.path(loss_curve_path), result)
+    # under ZeRO-3 each process holds a partition of what is saved: every process gathers, rank 0 writes
+    with whole_parameters(saved_parameters(model)):
+        if not World.from_environment().is_main:
+            return None
+        if health is not None:
+            report_health(f"{stage} (validation)", health, params.collapse_guard)
+            metrics["latent_health"] = health
+        with atomic_outputs() as outputs:
+            adapters = outputs.folder(out_dir)
+            for name, part, lora in ((ENCODER, encoder, section.encoder_lora),
+                                     (DECODER, decoder, section.decoder_lora)):
+                if lora is not None:
+                    part.save_pretrained(str(adapters / name))
+            write_json(outputs.path(metrics_path), metrics)
+            write_loss_curve(outputs.path(loss_curve_path), result)
     finish_scratch(scratch_dir)
     return metrics
+
+
+def saved_parameters(model: Stage1Model) -> list[nn.Parameter]:
+    """What the stage's adapters are saved from: the trainable (LoRA) weights, and the embedding matrices (peft
+    saves them beside an adapter that covers ``embed_tokens``: the encoder's, whose new rows its merge needs)."""
+    return [parameter for name, parameter in model.named_parameters()
+            if parameter.requires_grad or any(f".{layer}." in name for layer in EMBEDDING_LAYER_NAMES)]
 
 
 def merge_stage1(base_dir: Path, encoder_stage_dir: Path, decoder_stage_dir: Path, joint_dir: Path, out_dir: Path) -> None:

@@ -38,6 +38,7 @@ from latent_sft_core.distributed import (
     compute_device,
     compute_dtype,
     ensure_distributed_env,
+    whole_parameters,
 )
 from latent_sft_core.errors import ArtifactError, DataError
 from latent_sft_core.io import atomic_path, file_digest
@@ -229,22 +230,37 @@ class TrainableStateTrainer(ComponentLoggingTrainer):
     """A Trainer for a module of several models, most of them frozen.
 
     Checkpoints hold only the trainable parameters (the LoRA weights), beside the optimizer, scheduler and
-    RNG state, so a resume checkpoint of a 1B model is megabytes, not gigabytes.
+    RNG state, so a resume checkpoint of a 1B model is megabytes, not gigabytes. Under ZeRO-3 only the
+    trainable parameters are gathered to be saved, and the best checkpoint's are written back into every
+    process's partitions.
     """
+
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self.is_deepspeed_enabled and self.deepspeed.zero_optimization_partition_weights():
+            # a collective (every process calls save_model); the Trainer's own path would gather the frozen models too
+            state = self.deepspeed._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+            if self.args.should_save:
+                self._save(output_dir, state_dict=state)
+            return
+        super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         folder = Path(output_dir or self.args.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        trainable = {name: p.detach().cpu().contiguous() for name, p in self.model.named_parameters() if p.requires_grad}
+        # state_dict: the weights DeepSpeed gathered (whole tensors); the module's own parameters are whole otherwise
+        source = self._trainable() if state_dict is None else state_dict
+        trainable = {name: source[name].detach().cpu().contiguous() for name in self._trainable()}
         save_file(trainable, str(folder / TRAINABLE_WEIGHTS))
 
     def _load_trainable(self, checkpoint: str | Path) -> None:
         weights = load_file(str(Path(checkpoint) / TRAINABLE_WEIGHTS))
-        parameters = dict(self.model.named_parameters())
-        expected = {name for name, p in parameters.items() if p.requires_grad}
-        if set(weights) != expected:
+        parameters = self._trainable()
+        if set(weights) != set(parameters):
             raise ArtifactError(f"{checkpoint}: its trainable weights do not match this run's model")
-        with torch.no_grad():
+        with whole_parameters(parameters.values(), modifier_rank=0), torch.no_grad():
             for name, value in weights.items():
                 parameters[name].copy_(value)
 

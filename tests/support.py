@@ -139,17 +139,27 @@ def subprocess_environment() -> dict:
 
 
 def run_until_killed(command: list[str], cwd: Path, marker: Path, timeout_s: float = 300) -> None:
-    """Start ``command`` and SIGKILL it as soon as ``marker`` exists (a checkpoint's trainer state)."""
+    """Start ``command`` and, as soon as ``marker`` exists (a checkpoint's trainer state), SIGKILL it with every
+    process under it (torchrun puts its workers in sessions of their own, so a process group would miss them), as
+    a machine going down would."""
+    import os
     import signal
     import subprocess
     import time
+
+    import psutil
 
     process = subprocess.Popen(command, cwd=cwd, env=subprocess_environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout_s
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
+    tree = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
     process.wait()
 
 

@@ -12,11 +12,8 @@ killed after its first checkpoint resumes to the uninterrupted 2-process result,
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -25,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.stage_cli import make_workdir, output_paths, stage_command
-from tests.support import subprocess_environment
+from tests.support import run_until_killed, subprocess_environment
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,12 +33,16 @@ LOSS_TOLERANCE = 2e-3  # relative; measured at most 2.0e-4 (BENCHMARKS.md, "Seve
 FIXTURES = {"base_model": "micro_run", "train_encoder": "phase1_run", "train_decoder": "phase1_run",
             "train_joint": "phase1_run", "train_latent": "labelled_run"}
 ZERO2, ZERO3 = ({"deepspeed": {"enabled": True, "zero_stage": stage}} for stage in (2, 3))
+# every weight partitioned, however small (DeepSpeed keeps those under 1e5 elements whole by default, which would
+# cover the micro model's embedding matrix that phase 1 reads outside its module's forward)
+ZERO3_EVERY_WEIGHT = {"deepspeed": {**ZERO3["deepspeed"], "persistence_threshold": 0}}
 # (stage, its params overrides): DDP for every stage but train_latent (DeepSpeed ZeRO-2, its default), and ZeRO on
-# the other trainings too (phase 1 takes ZeRO-2 only: config.Stage1Params)
+# the other trainings too
 TRAINING_CASES = [
     *((stage, {}) for stage in FIXTURES),
     ("base_model", {"base_model": ZERO3}),
     ("train_joint", {"train_joint": ZERO2}),
+    ("train_joint", {"train_joint": ZERO3_EVERY_WEIGHT}),
     ("train_latent", {"train_latent": ZERO3}),
 ]
 PRINTED = {"base_model": "base model ->", "cache_soft_labels": "soft labels ->", "train_latent": "train_latent ->"}
@@ -80,8 +81,10 @@ def no_staging_left(workdir: Path) -> None:
 
 def case_id(case: tuple[str, dict]) -> str:
     stage, overrides = case
-    zero = overrides.get(stage, {}).get("deepspeed", {}).get("zero_stage")
-    return f"{stage}-zero{zero}" if zero else stage
+    deepspeed = overrides.get(stage, {}).get("deepspeed", {})
+    zero = deepspeed.get("zero_stage")
+    every_weight = "-every-weight" if deepspeed.get("persistence_threshold") == 0 else ""
+    return f"{stage}-zero{zero}{every_weight}" if zero else stage
 
 
 @pytest.mark.parametrize("case", TRAINING_CASES, ids=map(case_id, TRAINING_CASES))
@@ -100,6 +103,10 @@ def test_training_stage_under_two_processes(case, request, tmp_path):
         assert two["best_step"] == one["best_step"]
         for step, loss in one["val_loss_by_step"].items():
             assert two["val_loss_by_step"][step] == pytest.approx(loss, rel=LOSS_TOLERANCE), step
+    if "latent_health" in one:  # phase 1: alpha's statistics on the validation rows, measured by both processes
+        for key in ("mean_entropy", "chunk_mass", "mass_outside_top1"):
+            assert two["latent_health"][key] == pytest.approx(one["latent_health"][key], rel=LOSS_TOLERANCE, abs=1e-3)
+        assert two["latent_health"]["latents"] == one["latent_health"]["latents"] > 0
     # rank 0 alone wrote the outputs
     if stage in PRINTED:
         assert result.stdout.count(PRINTED[stage]) == 1
@@ -149,25 +156,6 @@ def test_sharded_evaluation_equals_one_process(latent_run, tmp_path):
     no_staging_left(pair)
 
 
-def run_until_killed(command: list[str], cwd: Path, marker: Path, timeout_s: float = 300) -> None:
-    """Start ``command`` and, as soon as ``marker`` exists, SIGKILL it with every process under it (torchrun puts
-    its workers in sessions of their own, so a process group would miss them), as a machine going down would."""
-    import psutil
-
-    process = subprocess.Popen(command, cwd=cwd, env=subprocess_environment(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout_s
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    tree = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            continue
-    process.wait()
-
-
 def test_killed_two_process_stage_resumes_to_the_uninterrupted_result(micro_run, tmp_path):
     root, stage = micro_run[0], "base_model"
     straight, killed = (make_workdir(tmp_path / name, TWO_PROCESSES) for name in ("straight", "killed"))
@@ -182,3 +170,21 @@ def test_killed_two_process_stage_resumes_to_the_uninterrupted_result(micro_run,
     assert {k: v for k, v in one.items() if k != "train_seconds"} == {k: v for k, v in two.items() if k != "train_seconds"}
     straight_weights, resumed = weights(output_paths(stage, straight)["out"]), weights(output_paths(stage, killed)["out"])
     assert [name for name, tensor in straight_weights.items() if not torch.equal(resumed[name], tensor)] == []
+
+
+def test_the_health_pass_encodes_from_zero3_partitioned_models(micro_run, tmp_path):
+    """Phase 1's latent-health pass under ZeRO-3 runs outside any forward, where each process holds only its
+    partition of the embedding matrix, with an odd number of batches for two processes."""
+    root, params, _ = micro_run
+    out = tmp_path / "comparison.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(Path(__file__).with_name("zero3_encode_rows.py")), str(root), params.model_dump_json(), str(out)]
+    result = subprocess.run(command, cwd=tmp_path, env=subprocess_environment(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    comparison = json.loads(out.read_text())
+    # the matrix really was partitioned away (one process holds half of it, and not even that outside a forward)
+    assert comparison["embeddings_before"] == {"partitioned": True, "numel": 0}
+    assert comparison["batches"] == [3, 3]
+    assert comparison["max_difference"] < 1e-5
+

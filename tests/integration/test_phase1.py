@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from latent_sft_core.chunking import read_chunked
 from latent_sft_core.config import LatentParams
@@ -24,6 +24,7 @@ from latent_sft_core.phase1_model import (
     embed_with_latents,
     encode_latents,
     stage1_example,
+    vocabulary_weights,
 )
 from latent_sft_core.phase1_training import DECODER, ENCODER, HEALTH_TRACE_KEYS, Stage1Inputs, stage1_models
 from latent_sft_core.text import load_tokenizer, special_ids
@@ -175,6 +176,19 @@ def test_latent_slots_receive_the_encoder_latents_in_order(micro_run):
             torch.testing.assert_close(encoded.alpha.probs.sum(-1), torch.ones(count))
         loss = Stage1Model(base, base, latent, params.base.top_k)(**batch)["loss"]
         assert torch.isfinite(loss)
+
+
+def test_the_vocabulary_weights_phase1_reads_outside_their_modules(micro_run):
+    root, params, _ = micro_run
+    tied = load_pretrained_model(root / "base")
+    embeddings = tied.get_input_embeddings().weight
+    for projection in ("input_embeddings", "lm_head"):  # one matrix when tied, whatever the projection
+        assert vocabulary_weights(tied, LatentParams(projection=projection)) == [embeddings]
+    untied = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                          num_attention_heads=2, tie_word_embeddings=False))
+    weights = vocabulary_weights(untied, LatentParams(projection="lm_head"))
+    assert [w is m for w, m in zip(weights, (untied.get_input_embeddings().weight, untied.lm_head.weight))] == [True] * 2
+    assert len(vocabulary_weights(untied, LatentParams(projection="input_embeddings"))) == 1
 
 
 def test_diversity_and_chunk_anchor_terms_are_added_in_training_only(micro_run):

@@ -255,8 +255,9 @@ CASES = [
          params_change({"base_model": {"train": {"lr": -0.1}}})),
     Case("params bad choice", "train_latent", r"train_latent\.deepspeed\.zero_stage: Input should be 2 or 3",
          params_change({"train_latent": {"deepspeed": {"zero_stage": 1}}})),
-    Case("params ZeRO-3 in phase 1", "train_joint", r"train_joint: Value error, deepspeed\.zero_stage 3 cannot run "
-         r"phase 1", params_change({"train_joint": {"deepspeed": {"enabled": True, "zero_stage": 3}}})),
+    Case("params ZeRO-3 option under ZeRO-2", "train_joint", r"train_joint\.deepspeed: Value error, "
+         r"persistence_threshold needs zero_stage 3",
+         params_change({"train_joint": {"deepspeed": {"enabled": True, "persistence_threshold": 0}}})),
     Case("params new-token lr under ZeRO-3", "base_model", r"base_model: Value error, new_token_lr rescales rows",
          params_change({"base_model": {"new_token_lr": 0.01, "deepspeed": {"enabled": True, "zero_stage": 3}}})),
     Case("params several nodes without a hostfile", "chunk", r"launch: Value error, launch\.hostfile is required",

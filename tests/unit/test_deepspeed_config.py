@@ -29,11 +29,19 @@ def test_zero3_gathers_weights_on_save_and_offloads_on_request():
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
     assert config["zero_force_ds_cpu_optimizer"] is False
     assert config["bf16"] == {"enabled": True}
+    assert "stage3_param_persistence_threshold" not in zero  # DeepSpeed's default
 
 
-def test_param_offload_needs_zero3():
+def test_persistence_threshold_reaches_the_zero3_config():
+    zero = deepspeed_config(DeepSpeedParams(zero_stage=3, persistence_threshold=0))["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == 0
+
+
+def test_zero3_options_need_zero3():
     with pytest.raises(ParamsError, match="offload_params needs zero_stage 3"):
         parse_params({"train_latent": {"deepspeed": {"offload_params": True}}})
+    with pytest.raises(ParamsError, match="persistence_threshold needs zero_stage 3"):
+        parse_params({"train_latent": {"deepspeed": {"persistence_threshold": 0}}})  # 0 is a value, not "unset"
     with pytest.raises(ParamsError, match="zero_stage"):
         parse_params({"train_latent": {"deepspeed": {"zero_stage": 1}}})
 

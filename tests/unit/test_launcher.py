@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from latent_sft_core.config import LaunchParams, ParamsError, parse_params
-from latent_sft_core.distributed import World, gathered_in_order, on_cpu
+from latent_sft_core.distributed import World, gathered_in_order, on_cpu, partitioned, whole_parameters
 from latent_sft_core.launcher import DISTRIBUTED_STAGES, check_batch_sizes, main, stage_command
 
 pytestmark = pytest.mark.unit
@@ -82,6 +82,16 @@ def test_alone_every_item_is_computed_here_in_order():
     seen = []
     results = list(gathered_in_order([3, 1, 2], lambda item: seen.append(item) or item * 10))
     assert results == [(3, 30), (1, 10), (2, 20)] and seen == [3, 1, 2]
+
+
+def test_only_zero3_partitioned_parameters_are_gathered():
+    import torch
+
+    plain, sharded = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.empty(0))
+    sharded.ds_id = 7  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+    assert partitioned([plain, sharded]) == [sharded] and partitioned([plain]) == []
+    with whole_parameters([plain]):  # nothing partitioned: nothing to gather, the values stay
+        assert torch.equal(plain, torch.ones(3))
 
 
 def test_results_come_back_on_the_cpu():
