@@ -18,7 +18,7 @@ stage and the soft-label cache measure alpha over the rows they see:
 A latent summarises the chain up to its chunk (induction mask), so a healthy one names tokens of its chunk.
 Measured (c = 4, k = 10, validation rows; BENCHMARKS.md): healthy phase-1 runs have 83-100 distinct top-1
 tokens out of 96-108 distinct chunk tokens (fraction 0.86-0.99) and put 0.19 (temperature 4) to 0.71
-(temperature 1) of their mass on their chunk; the collapse reported on another machine had 2 distinct top-1
+(temperature 1) of their mass on their chunk without the chunk anchor, 0.88-0.93 with it (the default); the collapse reported on another machine had 2 distinct top-1
 tokens (fraction ~0.02) on ``-`` / ``>>``, and an encoder-only stage trained 4x longer here drifted to 10
 (0.10) with 0.004 of its mass on its chunk. An 8-layer base at temperature 4 put 0.08 of alpha's mass on the
 chunk, near-uniform over its ten tokens, with 53 distinct top-1 tokens: the phase-1 decoder then answered only
