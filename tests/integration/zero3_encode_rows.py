@@ -14,9 +14,10 @@ import torch
 
 from latent_sft_core.chunking import read_chunked
 from latent_sft_core.config import Params
-from latent_sft_core.distributed import World, ensure_distributed_env, partitioned
+from latent_sft_core.distributed import World, close_process_group, ensure_distributed_env, partitioned
 from latent_sft_core.modeling import load_pretrained_model
 from latent_sft_core.phase1_model import Stage1Model, encode_rows
+from latent_sft_core.stage_cli import end_process_now
 from latent_sft_core.text import load_tokenizer, special_ids
 
 ROWS, BATCH_SIZE = 5, 2  # three batches: an odd number, which two processes cannot share out evenly
@@ -47,6 +48,8 @@ def main(root: Path, params: Params, out: Path) -> None:
         difference = max(float((a - b).abs().max()) for a, b in zip(got, expected))
         out.write_text(json.dumps({"embeddings_before": before, "batches": [len(got), len(expected)],
                                    "max_difference": difference}))
+    close_process_group()
+    end_process_now()  # as a stage ends (stage_cli): DeepSpeed's teardown can abort a finished process
 
 
 if __name__ == "__main__":

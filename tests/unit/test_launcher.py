@@ -124,3 +124,22 @@ def test_a_stage_closes_the_process_group_it_leaves_open(tmp_path):
 
     assert run_cli(stage, []) == 0
     assert open_during_stage == [True] and not dist.is_initialized()
+
+
+def test_a_finished_process_of_a_distributed_stage_ends_without_teardown(monkeypatch):
+    """Under several processes a finished stage process exits at once with status 0 (``os._exit``: no interpreter
+    teardown to abort it); alone, run_cli returns its status as before; a failed stage is never ended early."""
+    from latent_sft_core import stage_cli
+    from latent_sft_core.errors import PipelineError
+
+    exits = []
+    monkeypatch.setattr(stage_cli.os, "_exit", exits.append)
+    assert stage_cli.run_cli(lambda argv: None, []) == 0 and exits == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    stage_cli.run_cli(lambda argv: None, [])
+    assert exits == [0]
+
+    def failing(argv):
+        raise PipelineError("bad row")
+
+    assert stage_cli.run_cli(failing, []) == 2 and exits == [0]
