@@ -156,16 +156,23 @@ def test_sharded_evaluation_equals_one_process(latent_run, tmp_path):
     no_staging_left(pair)
 
 
-def test_killed_two_process_stage_resumes_to_the_uninterrupted_result(micro_run, tmp_path):
-    root, stage = micro_run[0], "base_model"
-    straight, killed = (make_workdir(tmp_path / name, TWO_PROCESSES) for name in ("straight", "killed"))
+# (stage, its params overrides, the first checkpoint): DDP, and phase 1 under ZeRO-3 (DeepSpeed's own checkpoint
+# resumes it; the trainable weights are gathered for the best-checkpoint choice)
+KILL_CASES = [("base_model", {}, "checkpoint-8"), ("train_joint", {"train_joint": ZERO3_EVERY_WEIGHT}, "checkpoint-6")]
+
+
+@pytest.mark.parametrize("case", KILL_CASES, ids=lambda case: case_id(case[:2]))
+def test_killed_two_process_stage_resumes_to_the_uninterrupted_result(case, request, tmp_path):
+    stage, overrides, first_checkpoint = case
+    root = request.getfixturevalue(FIXTURES[stage])[0]
+    straight, killed = (make_workdir(tmp_path / name, {**overrides, **TWO_PROCESSES}) for name in ("straight", "killed"))
     run_stage(stage, straight, root)
-    state = killed / ".scratch" / stage / "checkpoint-8" / "trainer_state.json"
+    state = killed / ".scratch" / stage / first_checkpoint / "trainer_state.json"
     run_until_killed(stage_command(stage, killed, root, launcher=LAUNCHER), killed, state)
     assert state.exists(), "no checkpoint before the kill"
     assert not output_paths(stage, killed)["out"].exists(), "the stage finished before it could be killed"
     rerun = run_stage(stage, killed, root)
-    assert "resuming from" in rerun.stderr and "checkpoint-8" in rerun.stderr
+    assert "resuming from" in rerun.stderr and first_checkpoint in rerun.stderr
     one, two = metrics_of(stage, straight), metrics_of(stage, killed)
     assert {k: v for k, v in one.items() if k != "train_seconds"} == {k: v for k, v in two.items() if k != "train_seconds"}
     straight_weights, resumed = weights(output_paths(stage, straight)["out"]), weights(output_paths(stage, killed)["out"])
