@@ -64,6 +64,8 @@ VARIANTS: dict[str, list[str]] = {
 }
 # What `no_cot_metrics` changes in the params; recorded with its runs and part of their fingerprint.
 NO_COT_OVERRIDES = ["base_model.reasoning=none", "evaluate.models=[cot_sft]"]
+# The last stage whose outputs No-CoT reads (raw data, tokenizer, chunked evaluation splits).
+NO_COT_DATA_STAGE = "chunk"
 EXP_PREFIX = "method"
 RESULTS_DIR = Path("bench/results/method_table")
 METRIC_FILES = ["evaluate.json", "cache_soft_labels.json", "train_encoder.json", "train_decoder.json",
@@ -108,14 +110,19 @@ def load_results(results_dir: Path, rows: list[str]) -> Results:
     return results
 
 
+def run_dvc(command: list[str]) -> None:
+    """Run a dvc command with this interpreter's environment first on PATH (the stages call ``python``)."""
+    print("$", shlex.join(command), flush=True)
+    subprocess.run(command, check=True, env={**os.environ, "PATH": interpreter_first_path()})
+
+
 def run_experiment(name: str, overrides: list[str]) -> RunMetrics:
     """``dvc exp run --temp`` with ``overrides``; returns the experiment's files among METRIC_FILES."""
     exp_name = f"{EXP_PREFIX}-{slug(name)}-{int(time.time())}"
     command = ["dvc", "exp", "run", "--temp", "--name", exp_name]
     for override in overrides:
         command += ["--set-param", override]
-    print("$", shlex.join(command), flush=True)
-    subprocess.run(command, check=True, env={**os.environ, "PATH": interpreter_first_path()})
+    run_dvc(command)
 
     def git(*arguments: str) -> str:
         return subprocess.run(["git", *arguments], check=True, capture_output=True, text=True).stdout
@@ -135,6 +142,8 @@ def no_cot_metrics(params_path: Path, seed: int) -> RunMetrics:
     from latent_sft_core.base_model import train_base_model
     from latent_sft_core.evaluation import EvaluationOutputs, evaluate
 
+    # Experiments run in temporary copies, so the workspace itself may hold no data yet (a fresh clone)
+    run_dvc(["dvc", "repro", NO_COT_DATA_STAGE])
     params = load_params(params_path)
     no_cot = params.model_copy(update={
         "base": params.base.model_copy(update={"seed": seed}),

@@ -301,3 +301,31 @@ def test_run_experiment_reads_the_metrics_files_the_experiment_committed(tmp_pat
     args = (workspace / "dvc-args.txt").read_text().split()
     assert args[:4] == ["exp", "run", "--temp", "--name"] and args[4].startswith("method-latent-sft-2--seed1-")
     assert args[5:] == ["--set-param", "base.compression_rate=2", "--set-param", "base.seed=1"]
+
+
+def test_no_cot_reproduces_the_workspace_data_it_reads_before_training(tmp_path, monkeypatch):
+    """Experiments run in temporary copies: on a fresh clone the workspace has no data until No-CoT asks DVC."""
+    commands = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_dvc(command: list[str]) -> None:
+        commands.append(command)
+        raise Stop  # nothing may be trained before the data is there
+
+    monkeypatch.setattr(method_table, "run_dvc", fake_dvc)
+    with pytest.raises(Stop):
+        method_table.no_cot_metrics(tmp_path / "params.yaml", seed=1)
+    assert commands == [["dvc", "repro", method_table.NO_COT_DATA_STAGE]]
+
+
+def test_the_no_cot_data_stage_makes_what_no_cot_reads():
+    import yaml
+
+    from latent_sft_core import paths
+
+    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    stage = stages[method_table.NO_COT_DATA_STAGE]
+    assert paths.CHUNKED_DIR.as_posix() in stage["outs"]
+    assert {paths.RAW_DIR.as_posix(), paths.TOKENIZER_DIR.as_posix()} <= set(stage["deps"])
