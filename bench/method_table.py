@@ -50,10 +50,11 @@ NO_COT_ROW = "No-CoT"
 # Phase 1 without the chunk-anchor term (ours) of the default params; without it and the diversity term (ours).
 NO_CHUNK_ANCHOR = ["train_encoder.chunk_anchor_weight=0", "train_joint.chunk_anchor_weight=0"]
 PAPER_PHASE1_LOSS = ["train_encoder.diversity_weight=0", "train_joint.diversity_weight=0", *NO_CHUNK_ANCHOR]
+HIDDEN_STATE = ["latent.kind=hidden_state", *PAPER_PHASE1_LOSS]  # no alpha to diversify or anchor
 # Latent row -> `dvc exp run -S` overrides on top of the default params (and base.seed).
 VARIANTS: dict[str, list[str]] = {
     "Latent-SFT(2)": ["base.compression_rate=2"],
-    "Hidden state (c=4)": ["latent.kind=hidden_state", *PAPER_PHASE1_LOSS],  # no alpha to diversify or anchor
+    "Hidden state (c=4)": HIDDEN_STATE,
     "w/o LTIM (c=4)": ["latent.encoder_mask=causal"],
     "w/o LTSuM (c=4)": ["latent.decoder_mask=causal"],
     # The paper's phase-1 loss (L_sup alone): the default adds the diversity and chunk-anchor terms (ours).
@@ -61,11 +62,13 @@ VARIANTS: dict[str, list[str]] = {
     # Extension rows: ours, beyond the paper's table.
     "Phase 1 without the chunk anchor (ours, c=4)": NO_CHUNK_ANCHOR,
     "Scheduled sampling (ours, c=4)": ["train_latent.scheduled_sampling.enabled=true"],
+    # the hidden-state row with a term that keeps its LM head off </think> at the latent slots, as KL does for alpha
+    "Hidden state with a stop term (ours, c=4)": [*HIDDEN_STATE, "train_latent.hidden_state_stop_weight=1"],
 }
 # What `no_cot_metrics` changes in the params; recorded with its runs and part of their fingerprint.
 NO_COT_OVERRIDES = ["base_model.reasoning=none", "evaluate.models=[cot_sft]"]
-# The last stage whose outputs No-CoT reads (raw data, tokenizer, chunked evaluation splits).
-NO_COT_DATA_STAGE = "chunk"
+# The stage that imports a real base model (models/pretrained), which No-CoT's tokenizer and training read.
+NO_COT_MODEL_STAGE = "import_model"
 EXP_PREFIX = "method"
 RESULTS_DIR = Path("bench/results/method_table")
 METRIC_FILES = ["evaluate.json", "cache_soft_labels.json", "train_encoder.json", "train_decoder.json",
@@ -137,13 +140,21 @@ def run_experiment(name: str, overrides: list[str]) -> RunMetrics:
 
 
 def no_cot_metrics(params_path: Path, seed: int) -> RunMetrics:
-    """Train the no-CoT baseline on the workspace's data and evaluate it on every evaluation split."""
+    """Train the no-CoT baseline on the data of ``seed`` and evaluate it on every evaluation split.
+
+    The synthetic data is drawn with ``base.seed``, so each Latent experiment of seed N trains and evaluates on
+    seed N's draw; No-CoT makes the same draw (data, tokenizer, chunks) through the library in its temporary
+    folder, not the workspace's (which is params.yaml's seed). DVC provides the imported base model of a
+    real-model run first: experiments run in temporary copies, so a fresh clone's workspace has none.
+    """
     # torch and transformers take seconds to import; only this run needs them
     from latent_sft_core.base_model import train_base_model
+    from latent_sft_core.chunking import chunk_dataset
+    from latent_sft_core.data.prepare import prepare_data
     from latent_sft_core.evaluation import EvaluationOutputs, evaluate
+    from latent_sft_core.text import build_tokenizer
 
-    # Experiments run in temporary copies, so the workspace itself may hold no data yet (a fresh clone)
-    run_dvc(["dvc", "repro", NO_COT_DATA_STAGE])
+    run_dvc(["dvc", "repro", NO_COT_MODEL_STAGE])
     params = load_params(params_path)
     no_cot = params.model_copy(update={
         "base": params.base.model_copy(update={"seed": seed}),
@@ -152,13 +163,16 @@ def no_cot_metrics(params_path: Path, seed: int) -> RunMetrics:
     })
     with tempfile.TemporaryDirectory(prefix="no-cot-") as tmp:
         folder = Path(tmp)
-        train_base_model(no_cot, paths.RAW_DIR, paths.TOKENIZER_DIR, folder / "model", folder / "metrics.json",
+        prepare_data(no_cot, folder / "raw")
+        build_tokenizer(no_cot, folder / "raw", folder / "tokenizer", paths.PRETRAINED_DIR)
+        chunk_dataset(no_cot, folder / "raw", folder / "tokenizer", folder / "chunked", folder / "chunk.json")
+        train_base_model(no_cot, folder / "raw", folder / "tokenizer", folder / "model", folder / "metrics.json",
                          folder / "loss.csv", scratch_dir=folder / "scratch")
         outputs = EvaluationOutputs(
             metrics=folder / "evaluate.json", report=folder / "report.md", predictions=folder / "predictions.parquet",
             ecr_plot=folder / "ecr.csv", heatmap_plot=folder / "heatmap.json",
         )
-        return {"evaluate.json": evaluate(no_cot, paths.CHUNKED_DIR, {"cot_sft": folder / "model"}, outputs)}
+        return {"evaluate.json": evaluate(no_cot, folder / "chunked", {"cot_sft": folder / "model"}, outputs)}
 
 
 def run_once(row: str, seed: int, overrides: list[str], params_path: Path) -> RunMetrics:

@@ -394,6 +394,11 @@ class TrainLatentParams(Strict):
     train: TrainParams = TrainParams(epochs=8.0, lr=3e-3, save_steps=200, logging_steps=20)
     ce_weight: float = Field(default=1.0, ge=0)
     kl_weight: float = Field(default=1.0, ge=0, description="latent term: KL, or MSE for hidden_state latents")
+    # the hidden-state ablation's free-running models stopped thinking at once: nothing but this term keeps the LM
+    # head off </think> at its latent slots (BENCHMARKS.md, "Hidden state")
+    hidden_state_stop_weight: float = Field(
+        default=0.0, ge=0, description="ours: weight of -log(1 - p(</think>)) at hidden-state latent slots, in the latent term"
+    )
     loss_schedule: Literal["sum", "alternate"] = Field(
         default="sum", description="alternate: KL-only, CE-only and joint steps in turn (the paper's schedule)"
     )
@@ -543,6 +548,13 @@ class Params(Strict):
                                          ("evaluate.decoding.gumbel", self.evaluate.decoding.gumbel)) if gumbel.enabled]
         if noisy and self.latent.kind == "hidden_state":
             raise ValueError(f"{', '.join(noisy)}: Gumbel noise perturbs alpha; latent.kind 'hidden_state' has none")
+        return self
+
+    @model_validator(mode="after")
+    def _stop_term_needs_hidden_states(self) -> Params:
+        if self.train_latent.hidden_state_stop_weight and self.latent.kind != "hidden_state":
+            raise ValueError("train_latent.hidden_state_stop_weight: the stop term is for latent.kind 'hidden_state' "
+                             "(the KL term already keeps alpha latents off </think>)")
         return self
 
     @model_validator(mode="after")

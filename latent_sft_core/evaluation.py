@@ -15,7 +15,9 @@ probable token) and ``*_kl`` (KL(teacher || student), nats), averaged over the c
 ``free_running_on_teacher_path``: the share whose free-running latents stay on the teacher's path (as many
 latents, each with the teacher's top-1 token), and Pass@1 on and off that path (``free_running_pass@1_on_teacher_path``,
 ``..._off_teacher_path``; null for an empty group): when the errors are all off the path, stage 2 loses its
-accuracy in producing the latents, not in answering from them.
+accuracy in producing the latents, not in answering from them. ``teacher_forced_stop_rate``: the share of
+teacher-forced latent steps whose greedy token is ``</think>``, where the model, free-running, would have stopped
+thinking (step 1 is the same step either way: nothing is fed before it).
 
 Outputs: ``metrics/evaluate.json`` ({model: {split: {metric: value}}}), ``metrics/report.md`` (the same as
 Markdown tables), per-question predictions (Parquet), the ECR@K curve and the top-token heat map (DVC plots).
@@ -172,9 +174,17 @@ def diagnostics(
         compared = [step for decoded in run.decoded for step in decoded.latent_steps if step.teacher_kl is not None]
         metrics[f"{name}_top1_agreement"] = _mean([float(step.teacher_agrees) for step in compared])
         metrics[f"{name}_kl"] = _mean([step.teacher_kl for step in compared])
+    metrics["teacher_forced_stop_rate"] = stop_rate(forced.decoded, special_ids(tokenizer).think_close)
     if params.latent.kind == "soft_embedding":  # the hidden-state ablation's latents have no top-1 token
         metrics |= teacher_path_metrics(free_running.decoded, teacher, free_running.correct)
     return metrics
+
+
+def stop_rate(decoded: Sequence[Decoded], stop_id: int) -> float:
+    """Share of the latent steps of ``decoded`` whose greedy token (``Decoded.reasoning_ids``, one per latent step
+    first) is ``stop_id``; 0 without latent steps."""
+    greedy = [token for d in decoded for token in d.reasoning_ids[:len(d.latent_steps)]]
+    return _mean([float(token == stop_id) for token in greedy])
 
 
 def teacher_path_metrics(
@@ -306,12 +316,13 @@ def _losses_table(latent: dict[str, dict[str, float]]) -> list[str]:
     if not splits:
         return []
     columns = ["split", "phase-1 ceiling %", "stage 2 teacher-forced %", "stage 2 free-running %",
-               "top-1 agreement TF", "KL TF", "top-1 agreement FR", "KL FR", "FR on teacher's path %",
-               "FR Pass@1 on / off path %"]
+               "top-1 agreement TF", "KL TF", "TF stop rate", "top-1 agreement FR", "KL FR",
+               "FR on teacher's path %", "FR Pass@1 on / off path %"]
     lines = ["", "## Where the accuracy is lost", "",
              "The phase-1 decoder and the stage-2 model answering from the encoder's latents of the gold chain "
              "(teacher), and the stage-2 model from its own latents; per latent step, agreement of the top-1 "
-             "token and KL(teacher || student), teacher-forced (TF) and free-running (FR); the questions whose "
+             "token and KL(teacher || student), teacher-forced (TF) and free-running (FR); the share of TF steps "
+             "whose greedy token is </think> (free-running, the model would stop there); the questions whose "
              "free-running latents keep the teacher's top-1 token at every step, and Pass@1 on and off that path.", "",
              markdown_row(columns), markdown_row(["---"] * len(columns))]
     for split in splits:
@@ -319,7 +330,7 @@ def _losses_table(latent: dict[str, dict[str, float]]) -> list[str]:
         lines.append(markdown_row([
             split, percent(v["phase1_ceiling_pass@1"]), percent(v["teacher_forced_pass@1"]),
             percent(v["pass@1"]), f"{v['teacher_forced_top1_agreement']:.3f}", f"{v['teacher_forced_kl']:.3f}",
-            f"{v['free_running_top1_agreement']:.3f}", f"{v['free_running_kl']:.3f}",
+            f"{v['teacher_forced_stop_rate']:.3f}", f"{v['free_running_top1_agreement']:.3f}", f"{v['free_running_kl']:.3f}",
             percent(v.get("free_running_on_teacher_path")),
             f"{percent(v.get('free_running_pass@1_on_teacher_path'))} / "
             f"{percent(v.get('free_running_pass@1_off_teacher_path'))}",

@@ -184,6 +184,20 @@ def latent_mse(hidden: torch.Tensor, slot_mask: torch.Tensor, teacher_hidden: to
     return mean_per_sample((student - teacher_hidden.float()).pow(2).mean(-1), slot_mask)
 
 
+def latent_stop_unlikelihood(logits: torch.Tensor | PositionLogits, slot_mask: torch.Tensor, stop_id: int) -> torch.Tensor:
+    """Ours, for the hidden-state ablation: ``-log(1 - p(stop))`` at the position before each latent slot, averaged
+    like ``latent_kl``; it keeps the LM head from choosing the stop token where the model should go on thinking.
+
+    Free-running, latent steps continue while the greedy token is not ``</think>``. Alpha latents get this for free
+    (the KL pins those logits to chunk tokens); hidden-state latents are trained by MSE on the hidden state alone,
+    and CE teaches ``</think>`` at the last slot's output only, so nothing else keeps it from winning earlier.
+    logits [B, T, V] (or ``PositionLogits`` holding the positions before the slots); slot_mask [B, T] bool.
+    """
+    predicting = PositionLogits.of(logits).at(predicting_positions(slot_mask)).float()  # [M, V]
+    log_stop = torch.log_softmax(predicting, dim=-1)[:, stop_id]
+    return mean_per_sample(-torch.log1p(-log_stop.exp().clamp(max=1 - 1e-6)), slot_mask)
+
+
 def mean_per_sample(per_latent: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``per_latent`` [M] over each sample's latents, then over the samples that have any (0 if none)."""
     sample_of_latent = torch.arange(slot_mask.shape[0], device=per_latent.device)[:, None].expand_as(slot_mask)[slot_mask]
@@ -202,13 +216,19 @@ def stage2_losses(
     kl_weight: float,
     hidden: torch.Tensor | None = None,
     temperature: float = 1.0,
+    stop_id: int | None = None,
+    stop_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Stage 2: ``loss = ce_weight * CE + kl_weight * latent term`` with both components (detached) for logging.
 
     CE is the token mean NLL of the ANSWER side (``</think>``, answer, end). The latent term is ``latent_kl``
     at the LATENT slots ("kl_loss", student logits divided by alpha's ``temperature``), or, for the hidden-state ablation (``hidden`` [B, T, d] given, teacher_probs
-    then the teacher's hidden states [M, d]), ``latent_mse`` ("mse_loss"). Shapes as in ``supervision_loss``.
+    then the teacher's hidden states [M, d]), ``latent_mse`` ("mse_loss"), plus ``stop_weight`` times
+    ``latent_stop_unlikelihood`` of ``stop_id`` ("stop_loss", ours) when that weight is set. Shapes as in
+    ``supervision_loss``.
     """
+    if stop_weight and (hidden is None or stop_id is None):
+        raise ValueError("the stop term is for hidden-state latents and needs the stop token's id")
     nll = token_nll(logits, labels)
     ce = masked_mean(nll, labels != IGNORE_INDEX)
     slots = roles == Role.LATENT
@@ -216,4 +236,9 @@ def stage2_losses(
         name, latent = "kl_loss", latent_kl(logits, slots, teacher_ids, teacher_probs, temperature)
     else:
         name, latent = "mse_loss", latent_mse(hidden, slots, teacher_probs)
-    return {"loss": ce_weight * ce + kl_weight * latent, "ce_loss": ce.detach(), name: latent.detach()}
+    components = {"ce_loss": ce.detach(), name: latent.detach()}
+    if stop_weight:
+        stop = latent_stop_unlikelihood(logits, slots, stop_id)
+        latent = latent + stop_weight * stop
+        components["stop_loss"] = stop.detach()
+    return {"loss": ce_weight * ce + kl_weight * latent, **components}

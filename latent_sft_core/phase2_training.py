@@ -6,7 +6,8 @@ alpha is then both the input mixture and the KL target) and E the LLM's own inpu
 Loss = ce_weight * CE(``</think>``, answer, end) + kl_weight * KL(alpha_j || student at the position before
 Z_j); with ``loss_schedule: alternate`` the steps cycle KL only, CE only, both. For the hidden-state ablation
 (``latent.kind: hidden_state``) the cached targets are the encoder's hidden states h_j: they are the inputs at
-the slots, and the latent term is the MSE between the student's final hidden state before slot j and h_j.
+the slots, and the latent term is the MSE between the student's final hidden state before slot j and h_j
+(plus, with ``train_latent.hidden_state_stop_weight``, ours, an unlikelihood term on ``</think>`` there).
 Scheduled sampling (ours, ``train_latent.scheduled_sampling``): with a probability rising over training, a slot
 is fed the student's own latent (from a no-grad teacher-forced pass) instead of the teacher's; the KL target
 stays the teacher's, so the student learns to recover from its own mixtures as it must at inference.
@@ -123,12 +124,14 @@ def scheduled_inputs(
 def latent_forward(
     model: PreTrainedModel, inputs: dict[str, torch.Tensor], ce_weight: float, kl_weight: float,
     hidden_state: bool = False, student_probability: float = 0.0, student: LatentMode | None = None,
+    stop: tuple[int, float] | None = None,
 ):
     """Stage-2 losses for one padded batch (see ``LatentCollator`` for the inputs); ``hidden_state``: the
     teacher values are hidden states, fed as they are (the hidden-state ablation). With ``student_probability``
     > 0 (scheduled sampling) each slot's input is, with that probability, the student's own latent from a no-grad
     pass over the teacher's inputs; the targets stay the teacher's. ``student`` (alpha as inference makes it) also
-    sets the temperature of the student's distribution in the KL (``losses.latent_kl``)."""
+    sets the temperature of the student's distribution in the KL (``losses.latent_kl``). ``stop`` (the ``</think>``
+    id and a weight) adds the hidden-state stop term (ours, ``losses.latent_stop_unlikelihood``) to the latent term."""
     embedding = extract_model_from_parallel(model).get_input_embeddings()
     embeds = embedding(inputs["input_ids"])
     slots = inputs["roles"] == Role.LATENT
@@ -147,7 +150,8 @@ def latent_forward(
                        output_hidden_states=hidden_state)
     return stage2_losses(PositionLogits(output.logits, positions), inputs["labels"], inputs["roles"], teacher_ids, teacher, ce_weight,
                          kl_weight, hidden=output.hidden_states[-1] if hidden_state else None,
-                         temperature=student.temperature if student is not None else 1.0)
+                         temperature=student.temperature if student is not None else 1.0,
+                         stop_id=stop[0] if stop else None, stop_weight=stop[1] if stop else 0.0)
 
 
 @torch.no_grad()
@@ -168,16 +172,18 @@ def _student_latents(model, embeds, attention_mask, slots, hidden_state: bool, s
 class LatentTrainer(ComponentLoggingTrainer):
     """Computes the stage-2 loss; with ``schedule='alternate'`` training steps cycle KL, CE, both; with a
     ``max_student_probability`` slots are fed the student's own latents with a probability rising linearly
-    from 0 to it over the training steps (scheduled sampling)."""
+    from 0 to it over the training steps (scheduled sampling); ``stop`` as in ``latent_forward``."""
 
     def __init__(self, *args, ce_weight: float, kl_weight: float, schedule: str, hidden_state: bool = False,
-                 max_student_probability: float = 0.0, student: LatentMode | None = None, **kwargs):
+                 max_student_probability: float = 0.0, student: LatentMode | None = None,
+                 stop: tuple[int, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.weights = (ce_weight, kl_weight)
         self.schedule = schedule
         self.hidden_state = hidden_state
         self.max_student_probability = max_student_probability
         self.student = student
+        self.stop = stop
 
     def step_weights(self) -> tuple[float, float]:
         ce_weight, kl_weight = self.weights
@@ -193,7 +199,7 @@ class LatentTrainer(ComponentLoggingTrainer):
 
     def loss_outputs(self, model, inputs):
         return latent_forward(model, inputs, *self.step_weights(), hidden_state=self.hidden_state,
-                              student_probability=self.student_probability(), student=self.student)
+                              student_probability=self.student_probability(), student=self.student, stop=self.stop)
 
 
 def _latent_rows(
@@ -259,7 +265,8 @@ def train_latent(
     trainer_cls = partial(LatentTrainer, ce_weight=section.ce_weight, kl_weight=section.kl_weight,
                           schedule=section.loss_schedule, hidden_state=params.latent.kind == "hidden_state",
                           max_student_probability=sampling.max_probability if sampling.enabled else 0.0,
-                          student=LatentMode.from_params(params))
+                          student=LatentMode.from_params(params),
+                          stop=(ids.think_close, section.hidden_state_stop_weight) if section.hidden_state_stop_weight else None)
     result = run_training(model, train, collator, section.train, scratch_dir, params.base.seed, fingerprint,
                           trainer_cls=trainer_cls, eval_dataset=val, deepspeed=section.deepspeed,
                           compute=params.compute)

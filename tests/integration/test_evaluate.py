@@ -68,7 +68,7 @@ def test_where_the_accuracy_is_lost_on_every_split(evaluated):
     """Phase-1 ceiling, stage 2 from the teacher's latents and from its own, with per-latent agreement and KL."""
     root, params, outputs, results = evaluated
     names = ["phase1_ceiling_pass@1", "teacher_forced_pass@1", "teacher_forced_top1_agreement", "teacher_forced_kl",
-             "free_running_top1_agreement", "free_running_kl"]
+             "free_running_top1_agreement", "free_running_kl", "teacher_forced_stop_rate"]
     report = outputs.report.read_text()
     assert "## Where the accuracy is lost" in report
     for split in EVAL_SPLITS:
@@ -78,6 +78,8 @@ def test_where_the_accuracy_is_lost_on_every_split(evaluated):
         assert latent["teacher_forced_kl"] > 0 and latent["free_running_kl"] > 0
         assert (f"| {split} | {100 * latent['phase1_ceiling_pass@1']:.1f} | "
                 f"{100 * latent['teacher_forced_pass@1']:.1f} | {100 * latent['pass@1']:.1f} |") in report
+        assert (f"| {latent['teacher_forced_kl']:.3f} | {latent['teacher_forced_stop_rate']:.3f} | "
+                f"{latent['free_running_top1_agreement']:.3f} |") in report
         assert not set(names) & set(results["cot_sft"][split])
         # Pass@1 is the on-path and off-path Pass@1 weighted by the share of questions on the teacher's path
         on_rate = latent["free_running_on_teacher_path"]

@@ -22,7 +22,7 @@ from latent_sft_core.latent_health import LatentCollapseError
 from latent_sft_core.layout import encoder_sequence, pad_sequences
 from latent_sft_core.modeling import load_pretrained_model, save_model
 from latent_sft_core.phase1_model import encode_latents
-from latent_sft_core.phase2_training import LatentTrainer, train_latent
+from latent_sft_core.phase2_training import LatentCollator, LatentDataset, LatentTrainer, latent_forward, train_latent
 from latent_sft_core.soft_label_caching import cache_soft_labels, encoder_fingerprint
 from latent_sft_core.soft_labels import open_soft_labels
 from latent_sft_core.text import load_tokenizer, special_ids, tokenizer_fingerprint
@@ -142,18 +142,30 @@ def test_full_vocabulary_labels_and_gumbel_noise_train_too(labelled_run, tmp_pat
     assert all(value > 0 for value in kl)
 
 
-def test_hidden_state_ablation_runs_through_phase_2_and_evaluation(labelled_run, tmp_path):
-    """latent.kind hidden_state: the cache holds the encoder's hidden states, stage 2 feeds them and regresses
-    the student's hidden state onto them, and the evaluation decodes by feeding its own hidden states."""
+@pytest.fixture(scope="module")
+def hidden_state_run(labelled_run, tmp_path_factory):
+    """The hidden-state ablation on the micro phase-1 run: its cache and a stage-2 model trained without the stop
+    term. Returns (params, labels dir, stage-2 dir, loss-curve path, stage-2 metrics)."""
     root, params, _ = labelled_run
+    out = tmp_path_factory.mktemp("hidden_state")
     hidden = parse_params(deep_merge(params.model_dump(mode="json"), {
         "latent": {"kind": "hidden_state"}, "cache_soft_labels": {"prob_dtype": "float32"},
         "train_latent": {"deepspeed": {"enabled": False}},
         "evaluate": {"models": ["latent_sft"], "splits": ["test"], "max_rows": 4},
     }))
-    cache_soft_labels(hidden, root / "merged", root / "chunked", tmp_path / "labels", tmp_path / "cache.json")
+    cache_soft_labels(hidden, root / "merged", root / "chunked", out / "labels", out / "cache.json")
+    metrics = train_latent(hidden, root / "merged", root / "chunked", out / "labels", out / "latent",
+                           out / "m.json", out / "loss.csv", scratch_dir=out / "scratch")
+    return hidden, out / "labels", out / "latent", out / "loss.csv", metrics
+
+
+def test_hidden_state_ablation_runs_through_phase_2_and_evaluation(labelled_run, hidden_state_run, tmp_path):
+    """latent.kind hidden_state: the cache holds the encoder's hidden states, stage 2 feeds them and regresses
+    the student's hidden state onto them, and the evaluation decodes by feeding its own hidden states."""
+    root, params, _ = labelled_run
+    hidden, labels, latent, loss_curve, metrics = hidden_state_run
     tokenizer = load_tokenizer(root / "merged" / "encoder")
-    reader = open_soft_labels(tmp_path / "labels" / "train.parquet", compression_rate=2, top_k=params.base.top_k,
+    reader = open_soft_labels(labels / "train.parquet", compression_rate=2, top_k=params.base.top_k,
                               tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                               encoder_fingerprint=encoder_fingerprint(root / "merged"), latent_kind="hidden_state")
     row = next(r for r in read_chunked(root / "chunked" / "train.parquet") if r.num_chunks)
@@ -167,15 +179,44 @@ def test_hidden_state_ablation_runs_through_phase_2_and_evaluation(labelled_run,
     assert ids is None and values.shape == (row.num_chunks, decoder.config.hidden_size)
     torch.testing.assert_close(values, expected, atol=1e-5, rtol=1e-5)
 
-    metrics = train_latent(hidden, root / "merged", root / "chunked", tmp_path / "labels", tmp_path / "latent",
-                           tmp_path / "m.json", tmp_path / "loss.csv", scratch_dir=tmp_path / "scratch")
-    header, *lines = (tmp_path / "loss.csv").read_text().splitlines()
-    assert "mse_loss" in header.split(",") and "kl_loss" not in header.split(",")
+    header, *lines = loss_curve.read_text().splitlines()
+    assert "mse_loss" in header.split(",") and not {"kl_loss", "stop_loss"} & set(header.split(","))
     losses = [float(line.split(",")[1]) for line in lines]
     assert metrics["steps"] == 12 and losses[-1] < losses[0]
     outputs = EvaluationOutputs(*(tmp_path / name for name in ("e.json", "r.md", "p.parquet", "ecr.csv", "h.json")))
-    results = evaluate(hidden, root / "chunked", {"latent_sft": tmp_path / "latent"}, outputs)
+    results = evaluate(hidden, root / "chunked", {"latent_sft": latent}, outputs)
     assert results["latent_sft"]["test"]["rows"] == 4 and outputs.predictions.is_file()
+
+
+def test_hidden_state_stop_term_keeps_the_head_off_the_stop_token(labelled_run, hidden_state_run, tmp_path):
+    """train_latent.hidden_state_stop_weight (ours): the stop term is logged and goes down, and the trained model
+    gives </think> less probability before the latent slots than the same training without it."""
+    root, _, _ = labelled_run
+    hidden, labels, plain, _, _ = hidden_state_run
+    stopping = parse_params(deep_merge(hidden.model_dump(mode="json"),
+                                       {"train_latent": {"hidden_state_stop_weight": 50.0}}))
+    train_latent(stopping, root / "merged", root / "chunked", labels, tmp_path / "latent", tmp_path / "m.json",
+                 tmp_path / "loss.csv", scratch_dir=tmp_path / "scratch")
+    header, *lines = (tmp_path / "loss.csv").read_text().splitlines()
+    stop = [float(line.split(",")[header.split(",").index("stop_loss")]) for line in lines]
+    assert stop and all(value > 0 for value in stop)
+
+    tokenizer = load_tokenizer(root / "merged" / "decoder")
+    ids = special_ids(tokenizer)
+    reader = open_soft_labels(labels / "val.parquet", compression_rate=2, top_k=hidden.base.top_k,
+                              tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                              encoder_fingerprint=encoder_fingerprint(root / "merged"), latent_kind="hidden_state")
+    rows = [r for r in read_chunked(root / "chunked" / "val.parquet") if r.num_chunks][:16]
+    dataset = LatentDataset(rows, reader, ids, labels / "val.parquet")
+    batch = LatentCollator(ids.pad, None)([dataset[index] for index in range(len(dataset))])
+
+    def stop_loss(model_dir) -> float:
+        with torch.no_grad():
+            return latent_forward(load_pretrained_model(model_dir), batch, 1.0, 1.0, hidden_state=True,
+                                  stop=(ids.think_close, 1.0))["stop_loss"].item()
+
+    with_term, without = stop_loss(tmp_path / "latent"), stop_loss(plain)
+    assert with_term < 0.9 * without
 
 
 def test_labels_from_another_run_are_refused(labelled_run, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from latent_sft_core.analysis import chain_chunks, ecr_at_k, path_posterior
-from latent_sft_core.evaluation import teacher_path_metrics
+from latent_sft_core.evaluation import stop_rate, teacher_path_metrics
 from latent_sft_core.inference import Decoded, LatentStep
 from latent_sft_core.soft_embedding import SparseAlpha
 
@@ -98,3 +98,15 @@ def test_teacher_path_splits_questions_by_their_free_running_latents():
     assert on_only["free_running_pass@1_off_teacher_path"] is None and on_only["free_running_on_teacher_path"] == 1.0
     with pytest.raises(ValueError):
         teacher_path_metrics(decoded, [teacher(2)] * 4, [True] * 5)
+
+
+def test_stop_rate_counts_the_latent_steps_whose_greedy_token_is_the_stop_token():
+    def question(greedy, explicit=()):
+        steps = tuple(LatentStep(ids=(token,), probs=(1.0,)) for token in greedy)
+        return Decoded(reasoning_ids=[*greedy, *explicit], answer_ids=[7], closed=True, latent_steps=steps)
+
+    # stop id 9: steps 9, 3 | 9, 9, 4 | none; the explicit tokens after the latents (9 here) are not steps
+    decoded = [question([9, 3]), question([9, 9, 4], explicit=[9, 9]), question([])]
+    assert stop_rate(decoded, stop_id=9) == pytest.approx(3 / 5)
+    assert stop_rate(decoded, stop_id=4) == pytest.approx(1 / 5)
+    assert stop_rate([question([])], stop_id=9) == 0.0

@@ -77,6 +77,9 @@ def test_bad_choice_lists_allowed_values():
         ({"latent": {"kind": "hidden_state"}},
          "train_encoder.diversity_weight, train_encoder.chunk_anchor_weight, train_joint.diversity_weight, "
          "train_joint.chunk_anchor_weight: the diversity and chunk-anchor terms act"),
+        ({"train_latent": {"hidden_state_stop_weight": 1.0}},
+         "train_latent.hidden_state_stop_weight: the stop term is for latent.kind 'hidden_state'"),
+        ({"train_latent": {"hidden_state_stop_weight": -1.0}}, "train_latent.hidden_state_stop_weight"),
         ({"train_joint": {"diversity_weight": -0.1}}, "train_joint.diversity_weight"),
         ({"train_joint": {"chunk_anchor_weight": -0.1}}, "train_joint.chunk_anchor_weight"),
     ],

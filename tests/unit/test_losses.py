@@ -9,6 +9,7 @@ from latent_sft_core.losses import (
     chunk_anchor_loss,
     latent_kl,
     latent_mse,
+    latent_stop_unlikelihood,
     stage2_losses,
     supervision_loss,
     token_nll,
@@ -109,6 +110,35 @@ def test_latent_mse_compares_the_hidden_state_before_each_slot():
     weighted = stage2_losses(torch.zeros(2, 4, 5), torch.full((2, 4), IGNORE_INDEX), torch.where(slots, Role.LATENT, 0),
                              None, teacher, ce_weight=1.0, kl_weight=2.0, hidden=hidden)
     assert set(weighted) == {"loss", "ce_loss", "mse_loss"} and weighted["loss"].item() == pytest.approx(14.5)
+
+
+def test_stop_unlikelihood_penalises_the_stop_token_before_each_slot():
+    # sample 0: slots at 2 and 3, predicted from positions 1 and 2; sample 1: no latent. Stop id 0.
+    slots = torch.tensor([[False, False, True, True], [False, False, False, False]])
+    logits = torch.zeros(2, 4, 3)
+    logits[0, 1] = torch.log(torch.tensor([0.5, 0.25, 0.25]))
+    logits[0, 2] = torch.log(torch.tensor([0.2, 0.4, 0.4]))
+    logits[0, 3] = torch.log(torch.tensor([0.99, 0.005, 0.005]))  # the last slot's output predicts </think>: free
+    expected = (math.log(2) + math.log(1 / 0.8)) / 2
+    assert latent_stop_unlikelihood(logits, slots, stop_id=0).item() == pytest.approx(expected, rel=1e-5)
+    assert latent_stop_unlikelihood(logits, slots, stop_id=1).item() == pytest.approx(
+        (math.log(1 / 0.75) + math.log(1 / 0.6)) / 2, rel=1e-5)
+
+    hidden, teacher = torch.zeros(2, 4, 2), torch.zeros(2, 2)  # MSE 0: the latent term is the stop term alone
+    roles = torch.where(slots, Role.LATENT, 0)
+    leaf = logits.clone().requires_grad_(True)
+    weighted = stage2_losses(leaf, torch.full((2, 4), IGNORE_INDEX), roles, None, teacher, ce_weight=1.0,
+                             kl_weight=2.0, hidden=hidden, stop_id=0, stop_weight=3.0)
+    assert set(weighted) == {"loss", "ce_loss", "mse_loss", "stop_loss"}
+    assert weighted["loss"].item() == pytest.approx(2.0 * 3.0 * expected, rel=1e-5)
+    weighted["loss"].backward()
+    # descending the gradient lowers p(stop) at the positions before the slots and leaves the others alone
+    lowered = torch.softmax(logits - 0.1 * leaf.grad, -1)[..., 0]
+    assert (lowered[0, 1:3] < torch.softmax(logits, -1)[0, 1:3, 0]).all()
+    assert leaf.grad[0, 3].abs().sum() == 0 and leaf.grad[1].abs().sum() == 0
+    with pytest.raises(ValueError, match="hidden-state latents"):
+        stage2_losses(logits, torch.full((2, 4), IGNORE_INDEX), roles, None, teacher, ce_weight=1.0, kl_weight=1.0,
+                      stop_id=0, stop_weight=1.0)
 
 
 def test_gumbel_is_identity_without_noise_and_keeps_support():

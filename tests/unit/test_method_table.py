@@ -303,8 +303,9 @@ def test_run_experiment_reads_the_metrics_files_the_experiment_committed(tmp_pat
     assert args[5:] == ["--set-param", "base.compression_rate=2", "--set-param", "base.seed=1"]
 
 
-def test_no_cot_reproduces_the_workspace_data_it_reads_before_training(tmp_path, monkeypatch):
-    """Experiments run in temporary copies: on a fresh clone the workspace has no data until No-CoT asks DVC."""
+def test_no_cot_asks_dvc_for_the_imported_model_before_training(tmp_path, monkeypatch):
+    """Experiments run in temporary copies: on a fresh clone the workspace has no imported base model until
+    No-CoT asks DVC (a real-model run's tokenizer and training read it)."""
     commands = []
 
     class Stop(Exception):
@@ -312,20 +313,53 @@ def test_no_cot_reproduces_the_workspace_data_it_reads_before_training(tmp_path,
 
     def fake_dvc(command: list[str]) -> None:
         commands.append(command)
-        raise Stop  # nothing may be trained before the data is there
+        raise Stop  # nothing may be trained before the model is there
 
     monkeypatch.setattr(method_table, "run_dvc", fake_dvc)
     with pytest.raises(Stop):
         method_table.no_cot_metrics(tmp_path / "params.yaml", seed=1)
-    assert commands == [["dvc", "repro", method_table.NO_COT_DATA_STAGE]]
+    assert commands == [["dvc", "repro", method_table.NO_COT_MODEL_STAGE]]
 
 
-def test_the_no_cot_data_stage_makes_what_no_cot_reads():
+def test_the_no_cot_model_stage_makes_the_imported_model():
     import yaml
 
     from latent_sft_core import paths
 
     stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
-    stage = stages[method_table.NO_COT_DATA_STAGE]
-    assert paths.CHUNKED_DIR.as_posix() in stage["outs"]
-    assert {paths.RAW_DIR.as_posix(), paths.TOKENIZER_DIR.as_posix()} <= set(stage["deps"])
+    outs = [out if isinstance(out, str) else next(iter(out)) for out in stages[method_table.NO_COT_MODEL_STAGE]["outs"]]
+    assert outs == [paths.PRETRAINED_DIR.as_posix()]
+
+
+def test_no_cot_trains_and_evaluates_on_the_data_drawn_with_its_seed(tmp_path, monkeypatch):
+    """The Latent experiments of seed N draw the synthetic data with base.seed = N; No-CoT must use that draw,
+    not the workspace's (params.yaml's seed 0)."""
+    import pyarrow.parquet as pq
+
+    from latent_sft_core import base_model, evaluation
+    from latent_sft_core.config import load_params
+    from latent_sft_core.data.synthetic import generate_synthetic
+
+    params = tmp_path / "params.yaml"
+    params.write_text("base:\n  seed: 0\nprepare_data:\n  synthetic:\n"
+                      "    train_size: 64\n    val_size: 8\n    test_size: 8\n    ood_size: 8\n")
+    seen = {}
+
+    def fake_train(no_cot, raw_dir, tokenizer_dir, *args, **kwargs):
+        seen["train"] = (no_cot.base.seed, no_cot.base_model.reasoning,
+                         pq.read_table(raw_dir / "train.parquet").column("question").to_pylist())
+
+    def fake_evaluate(no_cot, chunked_dir, models, outputs):
+        seen["test_questions"] = pq.read_table(chunked_dir / "test.parquet").column("question").to_pylist()
+        return {"cot_sft": {}}
+
+    monkeypatch.setattr(method_table, "run_dvc", lambda command: None)
+    monkeypatch.setattr(base_model, "train_base_model", fake_train)
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    synthetic = load_params(params).prepare_data.synthetic
+    for seed in (1, 2):
+        assert method_table.no_cot_metrics(params, seed) == {"evaluate.json": {"cot_sft": {}}}
+        drawn = generate_synthetic(synthetic, seed)
+        assert seen["train"] == (seed, "none", [example.question for example in drawn["train"]])
+        assert seen["test_questions"] == [example.question for example in drawn["test"]]
+    assert drawn["test"] != generate_synthetic(synthetic, 1)["test"]
