@@ -124,14 +124,14 @@ def scheduled_inputs(
 def latent_forward(
     model: PreTrainedModel, inputs: dict[str, torch.Tensor], ce_weight: float, kl_weight: float,
     hidden_state: bool = False, student_probability: float = 0.0, student: LatentMode | None = None,
-    stop: tuple[int, float] | None = None,
+    stop_id: int | None = None, stop_weight: float = 0.0,
 ):
     """Stage-2 losses for one padded batch (see ``LatentCollator`` for the inputs); ``hidden_state``: the
     teacher values are hidden states, fed as they are (the hidden-state ablation). With ``student_probability``
     > 0 (scheduled sampling) each slot's input is, with that probability, the student's own latent from a no-grad
     pass over the teacher's inputs; the targets stay the teacher's. ``student`` (alpha as inference makes it) also
-    sets the temperature of the student's distribution in the KL (``losses.latent_kl``). ``stop`` (the ``</think>``
-    id and a weight) adds the hidden-state stop term (ours, ``losses.latent_stop_unlikelihood``) to the latent term."""
+    sets the temperature of the student's distribution in the KL (``losses.latent_kl``). ``stop_weight`` > 0 adds the
+    hidden-state stop term on ``stop_id`` (``</think>``; ours, ``losses.latent_stop_unlikelihood``) to the latent term."""
     embedding = extract_model_from_parallel(model).get_input_embeddings()
     embeds = embedding(inputs["input_ids"])
     slots = inputs["roles"] == Role.LATENT
@@ -151,7 +151,7 @@ def latent_forward(
     return stage2_losses(PositionLogits(output.logits, positions), inputs["labels"], inputs["roles"], teacher_ids, teacher, ce_weight,
                          kl_weight, hidden=output.hidden_states[-1] if hidden_state else None,
                          temperature=student.temperature if student is not None else 1.0,
-                         stop_id=stop[0] if stop else None, stop_weight=stop[1] if stop else 0.0)
+                         stop_id=stop_id, stop_weight=stop_weight)
 
 
 @torch.no_grad()
@@ -172,18 +172,18 @@ def _student_latents(model, embeds, attention_mask, slots, hidden_state: bool, s
 class LatentTrainer(ComponentLoggingTrainer):
     """Computes the stage-2 loss; with ``schedule='alternate'`` training steps cycle KL, CE, both; with a
     ``max_student_probability`` slots are fed the student's own latents with a probability rising linearly
-    from 0 to it over the training steps (scheduled sampling); ``stop`` as in ``latent_forward``."""
+    from 0 to it over the training steps (scheduled sampling); ``stop_id`` and ``stop_weight`` as in ``latent_forward``."""
 
     def __init__(self, *args, ce_weight: float, kl_weight: float, schedule: str, hidden_state: bool = False,
                  max_student_probability: float = 0.0, student: LatentMode | None = None,
-                 stop: tuple[int, float] | None = None, **kwargs):
+                 stop_id: int | None = None, stop_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.weights = (ce_weight, kl_weight)
         self.schedule = schedule
         self.hidden_state = hidden_state
         self.max_student_probability = max_student_probability
         self.student = student
-        self.stop = stop
+        self.stop_id, self.stop_weight = stop_id, stop_weight
 
     def step_weights(self) -> tuple[float, float]:
         ce_weight, kl_weight = self.weights
@@ -199,7 +199,8 @@ class LatentTrainer(ComponentLoggingTrainer):
 
     def loss_outputs(self, model, inputs):
         return latent_forward(model, inputs, *self.step_weights(), hidden_state=self.hidden_state,
-                              student_probability=self.student_probability(), student=self.student, stop=self.stop)
+                              student_probability=self.student_probability(), student=self.student,
+                              stop_id=self.stop_id, stop_weight=self.stop_weight)
 
 
 def _latent_rows(
@@ -266,7 +267,7 @@ def train_latent(
                           schedule=section.loss_schedule, hidden_state=params.latent.kind == "hidden_state",
                           max_student_probability=sampling.max_probability if sampling.enabled else 0.0,
                           student=LatentMode.from_params(params),
-                          stop=(ids.think_close, section.hidden_state_stop_weight) if section.hidden_state_stop_weight else None)
+                          stop_id=ids.think_close, stop_weight=section.hidden_state_stop_weight)
     result = run_training(model, train, collator, section.train, scratch_dir, params.base.seed, fingerprint,
                           trainer_cls=trainer_cls, eval_dataset=val, deepspeed=section.deepspeed,
                           compute=params.compute)

@@ -189,8 +189,8 @@ def test_hidden_state_ablation_runs_through_phase_2_and_evaluation(labelled_run,
 
 
 def test_hidden_state_stop_term_keeps_the_head_off_the_stop_token(labelled_run, hidden_state_run, tmp_path):
-    """train_latent.hidden_state_stop_weight (ours): the stop term is logged and goes down, and the trained model
-    gives </think> less probability before the latent slots than the same training without it."""
+    """train_latent.hidden_state_stop_weight (ours): the stop term is logged at every logging step, and the trained
+    model gives </think> less probability before the latent slots than the same training without it."""
     root, _, _ = labelled_run
     hidden, labels, plain, _, _ = hidden_state_run
     stopping = parse_params(deep_merge(hidden.model_dump(mode="json"),
@@ -213,7 +213,7 @@ def test_hidden_state_stop_term_keeps_the_head_off_the_stop_token(labelled_run, 
     def stop_loss(model_dir) -> float:
         with torch.no_grad():
             return latent_forward(load_pretrained_model(model_dir), batch, 1.0, 1.0, hidden_state=True,
-                                  stop=(ids.think_close, 1.0))["stop_loss"].item()
+                                  stop_id=ids.think_close, stop_weight=1.0)["stop_loss"].item()
 
     with_term, without = stop_loss(tmp_path / "latent"), stop_loss(plain)
     assert with_term < 0.9 * without
