@@ -6,7 +6,10 @@ floating-point path. Each configuration runs train_encoder, train_decoder and tr
 workspace's ``models/base`` and ``data/chunked``, so run ``dvc repro base_model chunk`` first) with
 ``base.seed`` set per run, and records per stage the best validation L_sup and the collapse guard's
 statistics (``latent_health``). ``--encoder-rows`` sets the encoder-only stage's rows (6,400 = the default;
-25,600 = the 4x longer stress). Results are kept per (configuration, rows, seed, torch threads, base model: the
+25,600 = the 4x longer stress). Besides params overrides, a configuration can start from another ``<|latent|>``
+embedding row (the vocabulary's mean, as a real model's added rows get) or drop the encoder-only stage (the
+decoder then learns to read the base model's own latents first): levers the issue names, measured here before
+any becomes a param. Results are kept per (configuration, rows, seed, torch threads, base model: the
 floating-point path and the base model change where phase 1 lands) in
 ``bench/results/phase1_collapse/`` and skipped when rerun; the table is written into BENCHMARKS.md from all
 kept results after every run, so several processes (e.g. one per seed, ``OMP_NUM_THREADS=1`` each) can share
@@ -23,7 +26,9 @@ import json
 import re
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -31,7 +36,9 @@ from bench.report import machine_line, update_section
 from latent_sft_core import paths
 from latent_sft_core.config import Params, load_params, parse_params
 from latent_sft_core.io import write_json
-from latent_sft_core.phase1_training import Stage1Inputs, train_stage1
+from latent_sft_core.modeling import load_model, load_pretrained_model, save_model, with_lora
+from latent_sft_core.phase1_training import ENCODER, Stage1Inputs, train_stage1
+from latent_sft_core.text import special_ids
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "phase1_collapse"
 STAGES = ("train_encoder", "train_decoder", "train_joint")
@@ -44,16 +51,35 @@ def term_weights(diversity: float, chunk_anchor: float) -> dict[str, float]:
             for term, weight in (("diversity_weight", diversity), ("chunk_anchor_weight", chunk_anchor))}
 
 
+@dataclass(frozen=True)
+class Phase1Config:
+    """One configuration: ``overrides`` of params.yaml (dotted keys; the encoder-only stage's rows come from
+    --encoder-rows), the base model's ``<|latent|>`` row (``trained``: as CoT-SFT left it; ``vocabulary_mean``:
+    the mean of the input embeddings, what ``mean_resizing`` gives a real model's new rows), and whether the
+    encoder-only stage runs (without it train_decoder reads the latents of the untrained encoder adapter)."""
+
+    overrides: dict[str, object] = field(default_factory=dict)
+    latent_row: Literal["trained", "vocabulary_mean"] = "trained"
+    encoder_only_stage: bool = True
+
+    def described(self) -> dict[str, object]:
+        return {"overrides": self.overrides, "latent_row": self.latent_row,
+                "encoder_only_stage": self.encoder_only_stage}
+
+
 PAPER_LOSS = term_weights(0.0, 0.0)
-# name -> overrides of params.yaml (dotted keys); the encoder-only stage's rows come from --encoder-rows
-CONFIGS: dict[str, dict[str, object]] = {
-    "chunk anchor 0.1 and diversity 0.05 in both (the default)": {},
-    "chunk anchor 0.1 in both, no diversity": term_weights(0.0, 0.1),
-    "diversity 0.05 in both, encoder lr 1e-3": term_weights(0.05, 0.0),
-    "diversity 0.05 in train_joint only": {**term_weights(0.05, 0.0), "train_encoder.diversity_weight": 0.0},
-    "paper's L_sup, encoder lr 1e-3": PAPER_LOSS,
-    "paper's L_sup, encoder lr 1e-4": {"train_encoder.train.lr": 1e-4, **PAPER_LOSS},
-    "paper's L_sup, encoder lr 1e-3, T = 4": {"latent.temperature": 4.0, **PAPER_LOSS},
+CONFIGS: dict[str, Phase1Config] = {
+    "chunk anchor 0.1 and diversity 0.05 in both (the default)": Phase1Config(),
+    "chunk anchor 0.1 in both, no diversity": Phase1Config(term_weights(0.0, 0.1)),
+    "diversity 0.05 in both, encoder lr 1e-3": Phase1Config(term_weights(0.05, 0.0)),
+    "diversity 0.05 in train_joint only": Phase1Config(
+        {**term_weights(0.05, 0.0), "train_encoder.diversity_weight": 0.0}),
+    "paper's L_sup, encoder lr 1e-3": Phase1Config(PAPER_LOSS),
+    "paper's L_sup, encoder lr 1e-4": Phase1Config({"train_encoder.train.lr": 1e-4, **PAPER_LOSS}),
+    "paper's L_sup, encoder lr 1e-3, T = 4": Phase1Config({"latent.temperature": 4.0, **PAPER_LOSS}),
+    "paper's L_sup, full-vocabulary alpha": Phase1Config({"latent.full_vocab": True, **PAPER_LOSS}),
+    "paper's L_sup, <|latent|> row = vocabulary mean": Phase1Config(PAPER_LOSS, latent_row="vocabulary_mean"),
+    "paper's L_sup, no encoder-only stage": Phase1Config(PAPER_LOSS, encoder_only_stage=False),
 }
 
 
@@ -84,13 +110,37 @@ def configured(params: Params, overrides: dict[str, object], encoder_rows: int, 
     return parse_params(data)
 
 
-def run_config(params: Params) -> dict:
-    """The three phase-1 trainings in a temporary folder; per stage its best validation L_sup and latent health."""
+def with_latent_row_at_vocabulary_mean(base_dir: Path, out_dir: Path) -> Path:
+    """A copy of the base model in ``out_dir`` whose ``<|latent|>`` input-embedding row is the mean of all rows
+    (tied embeddings: its LM-head row too, as ``mean_resizing`` leaves a real model's added rows)."""
+    model, tokenizer = load_model(base_dir)
+    embeddings = model.get_input_embeddings().weight
+    with torch.no_grad():
+        embeddings[special_ids(tokenizer).latent] = embeddings.mean(dim=0)
+    save_model(model, tokenizer, out_dir)
+    return out_dir
+
+
+def write_untrained_encoder_adapter(params: Params, base_dir: Path, stage_dir: Path) -> None:
+    """train_encoder's output as the stage would leave it before its first step: LoRA's initialisation adds
+    nothing, so the encoder is the base model."""
+    encoder = with_lora(load_pretrained_model(base_dir), params.train_encoder.encoder_lora, params.base.seed)
+    encoder.save_pretrained(str(stage_dir / ENCODER))
+
+
+def run_config(params: Params, config: Phase1Config, base_dir: Path = paths.BASE_MODEL_DIR,
+               chunked_dir: Path = paths.CHUNKED_DIR) -> dict:
+    """The phase-1 trainings in a temporary folder; per stage run, its best validation L_sup and latent health."""
     result = {}
     with tempfile.TemporaryDirectory(prefix="phase1-collapse-") as tmp:
         out = Path(tmp)
+        if config.latent_row == "vocabulary_mean":
+            base_dir = with_latent_row_at_vocabulary_mean(base_dir, out / "base")
         for stage in STAGES:
-            inputs = Stage1Inputs(paths.BASE_MODEL_DIR, paths.CHUNKED_DIR,
+            if stage == "train_encoder" and not config.encoder_only_stage:
+                write_untrained_encoder_adapter(params, base_dir, out / stage)
+                continue
+            inputs = Stage1Inputs(base_dir, chunked_dir,
                                   out / "train_encoder" if stage != "train_encoder" else None,
                                   out / "train_decoder" if stage == "train_joint" else None)
             metrics = train_stage1(params, stage, inputs, out / stage, out / f"{stage}.json", out / f"{stage}.csv",
@@ -118,7 +168,7 @@ def table(results: dict[str, dict[tuple[str, int, str], dict]]) -> str:
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
         for (base, seed, threads), stages in sorted(runs.items()):
-            for stage in SHOWN_STAGES:
+            for stage in (shown for shown in SHOWN_STAGES if shown in stages):  # a dropped stage has no row
                 values = stages[stage]
                 lines.append(f"| {name} | {base} | {seed} | {threads} | {stage} | {values['best_val_loss']:.3f} | "
                              f"{values['distinct_top1']} | {values['chunk_mass']:.3f} | {values['mean_entropy']:.2f} | "
@@ -141,8 +191,8 @@ def main() -> None:
         update_section(f"phase1_collapse_rows{rows}", f"""### Phase-1 collapse, encoder-only stage on {rows:,} rows
 
 `python -m bench.phase1_collapse --encoder-rows {rows} --seeds ...` ({machine_line()}): the three phase-1
-trainings of the default params with the configuration's overrides and the encoder-only stage on {rows:,} rows
-(the default: 6,400), on the workspace's base model (named by the first 8 hex digits of its weights' SHA-256;
+trainings of the default params with the configuration's overrides, `<|latent|>` row and stages, the encoder-only
+stage on {rows:,} rows (the default: 6,400), on the workspace's base model (named by the first 8 hex digits of its weights' SHA-256;
 "–": the base model of 2026-12-01, before this was recorded; the phase-1 seed per row). Per stage, the best validation L_sup and the collapse guard's statistics of the encoder's alpha on the
 validation rows (`latent_sft_core/latent_health.py`); train_decoder's latents are train_encoder's.
 
@@ -151,13 +201,13 @@ validation rows (`latent_sft_core/latent_health.py`); train_decoder's latents ar
 
     base = base_model_digest()
     for seed in args.seeds:
-        for name, overrides in configs.items():
+        for name, config in configs.items():
             stored = result_path(name, rows, seed, torch.get_num_threads(), base)
             if stored.is_file():
                 continue
             began = time.perf_counter()
-            stages = run_config(configured(params, overrides, rows, seed))
-            write_json(stored, {"overrides": overrides, "encoder_rows": rows, "seed": seed, "base_model": base,
+            stages = run_config(configured(params, config.overrides, rows, seed), config)
+            write_json(stored, {**config.described(), "encoder_rows": rows, "seed": seed, "base_model": base,
                                 "machine": machine_line(), "torch_threads": torch.get_num_threads(),
                                 "minutes": round((time.perf_counter() - began) / 60, 1), "stages": stages})
             write_table()
