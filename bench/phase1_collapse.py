@@ -26,7 +26,7 @@ import json
 import re
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -61,10 +61,6 @@ class Phase1Config:
     overrides: dict[str, object] = field(default_factory=dict)
     latent_row: Literal["trained", "vocabulary_mean"] = "trained"
     encoder_only_stage: bool = True
-
-    def described(self) -> dict[str, object]:
-        return {"overrides": self.overrides, "latent_row": self.latent_row,
-                "encoder_only_stage": self.encoder_only_stage}
 
 
 PAPER_LOSS = term_weights(0.0, 0.0)
@@ -207,7 +203,7 @@ validation rows (`latent_sft_core/latent_health.py`); train_decoder's latents ar
                 continue
             began = time.perf_counter()
             stages = run_config(configured(params, config.overrides, rows, seed), config)
-            write_json(stored, {**config.described(), "encoder_rows": rows, "seed": seed, "base_model": base,
+            write_json(stored, {**asdict(config), "encoder_rows": rows, "seed": seed, "base_model": base,
                                 "machine": machine_line(), "torch_threads": torch.get_num_threads(),
                                 "minutes": round((time.perf_counter() - began) / 60, 1), "stages": stages})
             write_table()

@@ -1,6 +1,7 @@
 """bench.phase1_collapse: configurations applied to the params, kept results per (configuration, rows, seed), table."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 
@@ -36,7 +37,7 @@ def test_the_levers_beyond_params_start_from_the_paper_s_loss_and_change_one_thi
     assert (row.latent_row, row.encoder_only_stage) == ("vocabulary_mean", True)
     assert (dropped.latent_row, dropped.encoder_only_stage) == ("trained", False)
     assert row.overrides == dropped.overrides == CONFIGS["paper's L_sup, encoder lr 1e-3"].overrides
-    assert CONFIGS[DEFAULT].described() == {"overrides": {}, "latent_row": "trained", "encoder_only_stage": True}
+    assert asdict(CONFIGS[DEFAULT]) == {"overrides": {}, "latent_row": "trained", "encoder_only_stage": True}
 
 
 def test_kept_results_are_read_per_configuration_and_seed(tmp_path):
